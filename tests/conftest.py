@@ -1,0 +1,44 @@
+"""Shared fixtures: a migrated SQL store per test, and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.config import Settings, load_settings
+from qgate.db import make_engine, make_session_factory, upgrade
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'qgate.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    """Settings on a fresh, migrated database and a private storage root."""
+    upgrade(db_url)
+    return load_settings(
+        path=None,
+        database={"url": db_url},
+        storage={"root": tmp_path / "var", "fsync": False},
+        dicom={"port": free_port(), "host": "127.0.0.1"},
+        series={"stable_seconds": 2.0, "release_grace_seconds": 0.5, "poll_seconds": 0.2},
+    )
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings.database.url)
+    yield make_session_factory(engine)
+    engine.dispose()
