@@ -1,0 +1,286 @@
+"""The ``qgate`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qgate.config import Settings, load_settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]  # type: ignore[no-any-return]
+
+
+def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+    from qgate.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.database.url))
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="config file (default: $QGATE_CONFIG, else ./config.yaml if present)",
+)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """qgate: a DICOM quality gate for CT."""
+    try:
+        settings = load_settings(config_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    level = logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    ctx.obj = {"settings": settings}
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the SCP, the assembler, the scoring worker and the dispatcher."""
+    from qgate.service import Service
+
+    service = Service(_settings(ctx))
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("qgate").info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    service.start()
+    done.wait()
+    service.stop()
+
+
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply the Alembic migrations."""
+    from qgate.db import upgrade
+
+    upgrade(_settings(ctx).database.url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of result objects")
+@click.pass_context
+def score(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Score every CT series under PATH, offline (no network, no database)."""
+    from qgate.pipeline import build_scorers, score_series
+    from qgate.volume import SeriesLoadError, find_series
+
+    settings = _settings(ctx)
+    scorers = build_scorers(settings)
+    results = []
+    for uid, paths in sorted(find_series(path).items()):
+        try:
+            scored = score_series(paths, scorers, settings.gate.thresholds)
+        except SeriesLoadError as exc:
+            results.append(
+                {
+                    "series_instance_uid": uid,
+                    "study_instance_uid": None,
+                    "status": "failed",
+                    "decision": None,
+                    "reasons": [f"scoring failed: {exc}"],
+                    "scores": {},
+                }
+            )
+            continue
+        vol = scored.loaded.volume
+        results.append(
+            {
+                "series_instance_uid": uid,
+                "study_instance_uid": vol.study_instance_uid,
+                "status": "scored",
+                "decision": scored.decision.decision,
+                "reasons": list(scored.decision.reasons),
+                "scores": scored.scores_json,
+                "slices": vol.n_slices,
+                "skipped": [{"path": str(p), "reason": r} for p, r in scored.loaded.skipped],
+            }
+        )
+    if as_json:
+        _echo_json(results)
+        return
+    if not results:
+        click.echo(f"no DICOM series found under {path}")
+    for r in results:
+        click.echo(f"{r['series_instance_uid']}  {r['status']}  {r['decision'] or '-'}")
+        for name, out in r["scores"].items():
+            vals = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in out.items()
+                if k not in ("slices", "version")
+            )
+            click.echo(f"  {name}: {vals}")
+        for reason in r["reasons"]:
+            click.echo(f"  ! {reason}")
+
+
+@main.command()
+@click.option("--series", "series_uid", default=None, help="one series")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def results(ctx: click.Context, series_uid: str | None, as_json: bool) -> None:
+    """Show stored results."""
+    from qgate.results import list_results
+
+    with _sessions(_settings(ctx))() as session:
+        rows = list_results(session, series_uid)
+    if series_uid and not rows:
+        raise click.ClickException(f"no such series: {series_uid}")
+    if as_json:
+        _echo_json(rows[0] if series_uid else rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['series_instance_uid']}  {r['status']:9}  {r['decision'] or '-':4}  "
+            f"{'; '.join(r['reasons'])}"
+        )
+
+
+@main.command()
+@click.argument("series_uid")
+@click.pass_context
+def release(ctx: click.Context, series_uid: str) -> None:
+    """Forward a series held in gate mode to the archive."""
+    from qgate.gate import ReleaseError, release_series
+
+    settings = _settings(ctx)
+    with _sessions(settings)() as session:
+        try:
+            n = release_series(session, settings, series_uid)
+        except ReleaseError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"released {series_uid}: {n} instance(s) queued for the archive")
+
+
+@main.group()
+def outbox() -> None:
+    """Outgoing C-STORE sends."""
+
+
+@outbox.command("list")
+@click.option("--state", type=click.Choice(["pending", "sending", "sent", "dead"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def outbox_list(ctx: click.Context, state: str | None, as_json: bool) -> None:
+    """List sends (default: all)."""
+    from qgate.dispatch.outbox import list_items
+
+    with _sessions(_settings(ctx))() as session:
+        items = list_items(session, state=state)
+        rows = [
+            {
+                "id": i.id,
+                "series_instance_uid": i.series_instance_uid,
+                "kind": i.kind,
+                "destination": f"{i.dest_ae_title}@{i.dest_host}:{i.dest_port}",
+                "files": len(i.paths),
+                "state": i.state,
+                "attempts": i.attempts,
+                "next_attempt_at": i.next_attempt_at,
+                "last_error": i.last_error,
+            }
+            for i in items
+        ]
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['id']:6}  {r['state']:8} {r['kind']:8} {r['files']:5} files  "
+            f"attempts={r['attempts']}  {r['destination']}  {r['last_error'] or ''}"
+        )
+
+
+@outbox.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.pass_context
+def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
+    """Resubmit dead letters (all of them, or IDS)."""
+    from qgate.dispatch.outbox import retry
+
+    with _sessions(_settings(ctx))() as session:
+        n = retry(session, list(ids) or None)
+    click.echo(f"resubmitted {n} send(s)")
+
+
+@main.group()
+def jobs() -> None:
+    """Scoring jobs."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(["queued", "running", "done", "parked"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_list(ctx: click.Context, state: str | None, as_json: bool) -> None:
+    """List scoring jobs; parked ones carry their error."""
+    from qgate.queue import list_jobs
+
+    with _sessions(_settings(ctx))() as session:
+        rows = [
+            {
+                "id": j.id,
+                "series_instance_uid": j.series_instance_uid,
+                "state": j.state,
+                "generation": j.generation,
+                "attempts": j.attempts,
+                "last_error": j.last_error,
+            }
+            for j in list_jobs(session, [state] if state else None)
+        ]
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['id']:6}  {r['state']:7} attempts={r['attempts']}  "
+            f"{r['series_instance_uid']}  {r['last_error'] or ''}"
+        )
+
+
+@jobs.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.pass_context
+def jobs_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
+    """Requeue parked jobs (all, or IDS)."""
+    from qgate.queue import retry_parked
+
+    with _sessions(_settings(ctx))() as session:
+        n = retry_parked(session, list(ids) or None)
+    click.echo(f"requeued {n} job(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

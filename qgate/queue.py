@@ -1,0 +1,210 @@
+"""Durable scoring queue in the SQL store.
+
+Workers claim a job with a conditional ``UPDATE ... WHERE state = 'queued'`` and hold it
+under a lease. A lease that lapses (worker crashed or hung) puts the job back; so does a
+restart of the node that held it. ``attempts`` counts claims, so a job that keeps killing
+its worker is parked after ``max_attempts`` like one that keeps raising.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from qgate.db.models import Job, Series, utcnow
+from qgate.events import record
+
+STAGE = "queue"
+
+
+def enqueue_score(session: Session, *, series_uid: str, generation: int) -> Job:
+    """Queue a scoring job for one generation of a series."""
+    job = Job(kind="score", series_instance_uid=series_uid, generation=generation, state="queued")
+    session.add(job)
+    record(session, STAGE, "queued", series_uid=series_uid, detail=f"generation {generation}")
+    return job
+
+
+def _claimable(now: dt.datetime):  # type: ignore[no-untyped-def]
+    return or_(
+        Job.state == "queued",
+        (Job.state == "running") & (Job.lease_expires_at < now),
+    )
+
+
+def claim(
+    session: Session,
+    *,
+    owner: str,
+    lease_seconds: float,
+    max_attempts: int,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """Claim the oldest claimable job for ``owner``, or return None. Commits.
+
+    A job whose earlier claims all ended without a verdict (the worker died each time) is
+    parked here instead of being handed out again.
+    """
+    now = now or utcnow()
+    while True:
+        row = session.execute(
+            select(Job.id, Job.attempts, Job.lease_owner)
+            .where(_claimable(now))
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+        ).first()
+        if row is None:
+            session.commit()
+            return None
+        job_id, attempts, last_owner = row
+        if attempts >= max_attempts:
+            job = session.get(Job, job_id)
+            assert job is not None
+            fail(
+                session,
+                job,
+                owner=last_owner,
+                error=job.last_error or f"worker lost {attempts} times (crash or lease timeout)",
+                max_attempts=max_attempts,
+            )
+            continue
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, _claimable(now))
+            .values(
+                state="running",
+                lease_owner=owner,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+        ).rowcount
+        if won == 1:
+            job = session.get(Job, job_id, populate_existing=True)
+            assert job is not None
+            record(
+                session,
+                STAGE,
+                "claimed",
+                series_uid=job.series_instance_uid,
+                detail=f"job {job.id} by {owner}, attempt {job.attempts}",
+            )
+            session.commit()
+            return job
+        # Another worker won this one; look again.
+        session.rollback()
+
+
+def renew(session: Session, job: Job, *, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; False if the job is no longer ours."""
+    now = utcnow()
+    n = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == "running", Job.lease_owner == owner)
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+    ).rowcount
+    session.commit()
+    return n == 1
+
+
+def finish(session: Session, job: Job, *, owner: str, detail: str = "done") -> bool:
+    """Mark ``job`` done inside the caller's transaction; False if we lost the lease."""
+    n = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == "running", Job.lease_owner == owner)
+        .values(state="done", lease_owner=None, lease_expires_at=None, last_error=None)
+    ).rowcount
+    if n == 1:
+        record(
+            session,
+            STAGE,
+            "done",
+            series_uid=job.series_instance_uid,
+            detail=f"job {job.id}: {detail}",
+        )
+    return n == 1
+
+
+def fail(
+    session: Session,
+    job: Job,
+    *,
+    owner: str | None,
+    error: str,
+    max_attempts: int,
+    retryable: bool = True,
+) -> str:
+    """Record a failed attempt. Returns the new state: 'queued' to retry, or 'parked'. Commits."""
+    parked = (not retryable) or job.attempts >= max_attempts
+    state = "parked" if parked else "queued"
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.lease_owner.is_not_distinct_from(owner))
+        .values(state=state, lease_owner=None, lease_expires_at=None, last_error=error[:4000])
+    )
+    record(
+        session,
+        STAGE,
+        state,
+        series_uid=job.series_instance_uid,
+        detail=f"job {job.id} attempt {job.attempts}: {error[:500]}",
+    )
+    if parked:
+        session.execute(
+            update(Series)
+            .where(
+                Series.series_instance_uid == job.series_instance_uid,
+                Series.generation == job.generation,
+            )
+            .values(status="failed", skip_reason=error[:4000])
+        )
+    session.commit()
+    return state
+
+
+def release_owner(session: Session, owner: str) -> int:
+    """Put back every running job held by ``owner`` (this node, before a restart). Commits."""
+    jobs = session.scalars(
+        select(Job).where(Job.state == "running", Job.lease_owner == owner)
+    ).all()
+    for job in jobs:
+        job.state = "queued"
+        job.lease_owner = None
+        job.lease_expires_at = None
+        record(
+            session,
+            STAGE,
+            "requeued",
+            series_uid=job.series_instance_uid,
+            detail=f"job {job.id} after restart",
+        )
+    session.commit()
+    return len(jobs)
+
+
+def list_jobs(session: Session, states: Sequence[str] | None = None) -> list[Job]:
+    q = select(Job).order_by(Job.id)
+    if states:
+        q = q.where(Job.state.in_(list(states)))
+    return list(session.scalars(q))
+
+
+def retry_parked(session: Session, ids: Sequence[int] | None = None) -> int:
+    """Requeue parked jobs (all, or ``ids``) with fresh attempts. Commits."""
+    q = select(Job).where(Job.state == "parked")
+    if ids:
+        q = q.where(Job.id.in_(list(ids)))
+    jobs = session.scalars(q).all()
+    for job in jobs:
+        job.state, job.attempts = "queued", 0
+        series = session.get(Series, job.series_instance_uid)
+        if series is not None and series.generation == job.generation:
+            series.status, series.skip_reason = "queued", None
+        record(
+            session, STAGE, "retried", series_uid=job.series_instance_uid, detail=f"job {job.id}"
+        )
+    session.commit()
+    return len(jobs)

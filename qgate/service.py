@@ -1,0 +1,93 @@
+"""``qgate serve``: every stage in one process, each on its own thread.
+
+receive (pynetdicom SCP) -> assemble (completion poller) -> score (worker threads) ->
+dispatch (outbox sender). Stages talk only through the SQL store, so any of them can move
+to its own process or node later without changing the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.assemble import queue_complete_series
+from qgate.config import Settings
+from qgate.db import make_engine, make_session_factory, upgrade
+from qgate.dispatch.dispatcher import Dispatcher
+from qgate.queue import release_owner
+from qgate.receive import start_scp
+from qgate.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Assembler(threading.Thread):
+    """Polls for complete series and queues them."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(name="assembler", daemon=True)
+        self.settings, self.sessions = settings, sessions
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.settings.series.poll_seconds):
+            try:
+                queue_complete_series(self.sessions, self.settings.series)
+            except Exception:  # keep polling; the database may come back
+                log.exception("assembler poll failed")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _scp: object | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        s.spool_dir.mkdir(parents=True, exist_ok=True)
+        s.outgoing_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(s.database.url)
+        self.engine = make_engine(s.database.url, echo=s.database.echo)
+        sessions = make_session_factory(self.engine)
+        owners = [f"{s.node_name}/worker-{i}" for i in range(s.queue.workers)]
+        with sessions() as session:
+            for owner in owners:
+                n = release_owner(session, owner)
+                if n:
+                    log.info("requeued %d job(s) left running by %s", n, owner)
+        self._threads = [
+            Assembler(s, sessions),
+            *(Worker(s, sessions, owner=o) for o in owners),
+            Dispatcher(s, sessions, owner=f"{s.node_name}/dispatch"),
+        ]
+        for t in self._threads:
+            t.start()
+        self._scp = start_scp(s, sessions)
+        log.info(
+            "qgate serving %s on %s:%d (mode %s, database %s)",
+            s.dicom.ae_title,
+            s.dicom.host,
+            s.dicom.port,
+            s.gate.mode,
+            self.engine.url.render_as_string(hide_password=True),
+        )
+
+    def stop(self) -> None:
+        if self._scp is not None:
+            self._scp.shutdown()  # type: ignore[attr-defined]
+        for t in self._threads:
+            t.stop()  # type: ignore[attr-defined]
+        for t in self._threads:
+            t.join(timeout=60)
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("qgate stopped")

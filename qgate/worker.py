@@ -1,0 +1,301 @@
+"""The scoring stage: claim a job, score the series, write the report objects, queue sends.
+
+Everything a job produces (result row, report files, outbox rows, series state, job
+state) is committed in one transaction at the end, after checking that the job is still
+ours and the series generation is unchanged. A series that grew meanwhile has a newer job;
+this one's output is dropped, not half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.config import Settings
+from qgate.db.models import Instance, Job, Result, Series
+from qgate.dispatch.outbox import Destination, enqueue
+from qgate.events import record
+from qgate.pipeline import ScoredSeries, build_scorers, score_series
+from qgate.queue import claim, fail, finish, renew
+from qgate.reporting import write_report
+from qgate.scoring import Scorer
+from qgate.volume import SeriesLoadError
+
+log = logging.getLogger(__name__)
+STAGE = "score"
+
+
+@dataclass
+class _Heartbeat:
+    """Renews a job's lease in the background while a long scoring step runs."""
+
+    sessions: sessionmaker[Session]
+    job: Job
+    owner: str
+    lease_seconds: float
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                with self.sessions() as s:
+                    if not renew(s, self.job, owner=self.owner, lease_seconds=self.lease_seconds):
+                        log.warning("lost the lease on job %s", self.job.id)
+                        return
+
+        t = threading.Thread(target=beat, name=f"lease-{self.job.id}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+
+def _instance_paths(session: Session, series_uid: str) -> list[Path]:
+    rows = session.scalars(
+        select(Instance.path)
+        .where(Instance.series_instance_uid == series_uid, Instance.skip_reason.is_(None))
+        .order_by(Instance.instance_number, Instance.id)
+    )
+    return [Path(p) for p in rows]
+
+
+def _all_instance_paths(session: Session, series_uid: str) -> list[str]:
+    return list(
+        session.scalars(
+            select(Instance.path)
+            .where(Instance.series_instance_uid == series_uid)
+            .order_by(Instance.instance_number, Instance.id)
+        )
+    )
+
+
+def _start(session: Session, job: Job, owner: str) -> list[Path] | None:
+    """Mark the series as scoring; None if this job's generation is already stale."""
+    n = session.execute(
+        update(Series)
+        .where(
+            Series.series_instance_uid == job.series_instance_uid,
+            Series.generation == job.generation,
+        )
+        .values(status="scoring")
+    ).rowcount
+    if n != 1:
+        finish(session, job, owner=owner, detail="superseded before scoring")
+        session.commit()
+        return None
+    record(
+        session,
+        STAGE,
+        "started",
+        series_uid=job.series_instance_uid,
+        detail=f"job {job.id} generation {job.generation}",
+    )
+    session.commit()
+    return _instance_paths(session, job.series_instance_uid)
+
+
+def _commit_result(
+    session: Session,
+    settings: Settings,
+    job: Job,
+    owner: str,
+    scored: ScoredSeries,
+    report_paths: list[Path],
+    sr_uid: str | None,
+) -> bool:
+    series = session.get(Series, job.series_instance_uid, populate_existing=True)
+    if series is None or series.generation != job.generation:
+        finish(session, job, owner=owner, detail="superseded while scoring")
+        session.commit()
+        return False
+    previous = session.scalar(
+        select(Result).where(
+            Result.series_instance_uid == series.series_instance_uid, Result.superseded_by.is_(None)
+        )
+    )
+    result = Result(
+        series_instance_uid=series.series_instance_uid,
+        generation=job.generation,
+        decision=scored.decision.decision,
+        reasons=list(scored.decision.reasons),
+        scores=scored.scores_json,
+        scorer_versions=dict(scored.versions),
+        slices_scored=scored.loaded.volume.n_slices,
+        seconds=round(scored.seconds, 3),
+        sr_sop_instance_uid=sr_uid,
+        sr_path=str(report_paths[0]) if report_paths else None,
+    )
+    session.add(result)
+    session.flush()
+    if previous is not None:
+        previous.superseded_by = result.id
+    for path, reason in scored.loaded.skipped:
+        session.execute(
+            update(Instance).where(Instance.path == str(path)).values(skip_reason=reason)
+        )
+    series.status = "scored"
+    series.decision = scored.decision.decision
+    series.skip_reason = None
+    dest = Destination.from_settings(settings.archive)
+    enqueue(
+        session,
+        series_uid=series.series_instance_uid,
+        kind="results",
+        paths=[str(p) for p in report_paths],
+        dest=dest,
+    )
+    mode = settings.gate.mode
+    forward = mode == "forward" or (mode == "gate" and scored.decision.decision == "pass")
+    if forward:
+        enqueue(
+            session,
+            series_uid=series.series_instance_uid,
+            kind="forward",
+            paths=_all_instance_paths(session, series.series_instance_uid),
+            dest=dest,
+        )
+        series.held = False
+    elif mode == "gate":
+        series.held = True
+        record(
+            session,
+            "gate",
+            "held",
+            series_uid=series.series_instance_uid,
+            detail="flagged; waiting for `qgate release`",
+        )
+    record(
+        session,
+        STAGE,
+        "scored",
+        series_uid=series.series_instance_uid,
+        detail=f"{scored.decision.decision} in {scored.seconds:.2f}s"
+        + (f", supersedes result {previous.id}" if previous is not None else ""),
+    )
+    if not finish(session, job, owner=owner, detail=scored.decision.decision):
+        session.rollback()
+        return False
+    session.commit()
+    return True
+
+
+def process_job(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    job: Job,
+    scorers: Sequence[Scorer],
+    *,
+    owner: str,
+) -> str:
+    """Run one claimed job to its end. Returns 'scored', 'superseded', 'queued' or 'parked'."""
+    uid = job.series_instance_uid
+    with sessions() as session:
+        paths = _start(session, job, owner)
+    if paths is None:
+        return "superseded"
+    out_dir = settings.outgoing_dir / uid / f"g{job.generation}-j{job.id}"
+    try:
+        with _Heartbeat(sessions, job, owner, settings.queue.lease_seconds).running():
+            scored = score_series(paths, scorers, settings.gate.thresholds)
+            with sessions() as session:
+                prev_sr = _previous_sr(session, uid)
+            report_paths, sr_uid = write_report(
+                scored,
+                out_dir,
+                previous_sr=prev_sr,
+                generation=job.generation,
+                fsync=settings.storage.fsync,
+            )
+        with sessions() as session:
+            ok = _commit_result(session, settings, job, owner, scored, report_paths, sr_uid)
+        if not ok:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return "superseded"
+        log.info("job %s: series scored: %s", job.id, scored.decision.decision)
+        return "scored"
+    except Exception as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        retryable = not isinstance(exc, SeriesLoadError)
+        detail = f"{type(exc).__name__}: {exc}"
+        log.warning("job %s failed: %s", job.id, detail)
+        log.debug("%s", traceback.format_exc())
+        with sessions() as session:
+            return fail(
+                session,
+                job,
+                owner=owner,
+                error=detail,
+                max_attempts=settings.queue.max_attempts,
+                retryable=retryable,
+            )
+
+
+def _previous_sr(session: Session, series_uid: str) -> pydicom.Dataset | None:
+    path = session.scalar(
+        select(Result.sr_path).where(
+            Result.series_instance_uid == series_uid, Result.superseded_by.is_(None)
+        )
+    )
+    if path and Path(path).exists():
+        return pydicom.dcmread(path)
+    return None
+
+
+def work_once(
+    settings: Settings, sessions: sessionmaker[Session], scorers: Sequence[Scorer], *, owner: str
+) -> str | None:
+    """Claim and run one job; None when the queue is empty."""
+    with sessions() as session:
+        job = claim(
+            session,
+            owner=owner,
+            lease_seconds=settings.queue.lease_seconds,
+            max_attempts=settings.queue.max_attempts,
+        )
+    if job is None:
+        return None
+    return process_job(settings, sessions, job, scorers, owner=owner)
+
+
+class Worker(threading.Thread):
+    """A scoring worker thread. ``stop()`` lets the current job finish."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        owner: str,
+        scorers: Sequence[Scorer] | None = None,
+    ) -> None:
+        super().__init__(name=f"worker-{owner}", daemon=True)
+        self.settings, self.sessions, self.owner = settings, sessions, owner
+        self.scorers = list(scorers) if scorers is not None else build_scorers(settings)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                did = work_once(self.settings, self.sessions, self.scorers, owner=self.owner)
+            except Exception:
+                log.exception("worker loop error")
+                did = None
+            if did is None:
+                self._stop_event.wait(self.settings.queue.poll_seconds)
