@@ -1,4 +1,8 @@
-"""Shared fixtures: a migrated SQL store per test, and free loopback ports."""
+"""Shared fixtures: a migrated SQL store per test (SQLite and PostgreSQL), free ports.
+
+Every test that takes ``db_url`` (directly or through ``settings``) runs twice: on SQLite
+and on a throwaway PostgreSQL server started once per session.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.config import Settings, load_settings
 from qgate.db import make_engine, make_session_factory, upgrade
+from tests.support.postgres import create_database, postgres_server
 
 
 def free_port() -> int:
@@ -19,9 +24,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'qgate.db'}"
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str]:
+    with postgres_server(free_port()) as base:
+        yield base
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'qgate.db'}"
+    return create_database(request.getfixturevalue("pg_base_url"))
 
 
 @pytest.fixture
