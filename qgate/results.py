@@ -39,6 +39,7 @@ def result_object(session: Session, series: Series) -> dict[str, Any]:
         "generation": series.generation,
         "instances": series.instance_count,
         "held": series.held,
+        "slices_scored": res.slices_scored if res else 0,
         "scored_at": res.created_at.isoformat() if res else None,
     }
 
