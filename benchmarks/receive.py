@@ -1,0 +1,114 @@
+"""Receive throughput: storescu -> qgate serve vs storescu -> Orthanc, same series, same run.
+
+Each repetition sends a fresh copy of the series (new UIDs, so neither side sees
+duplicates) over ONE association with dcmtk storescu, and times storescu's wall clock.
+qgate runs as `qgate serve` with its database recorded (SQLite WAL, synchronous=FULL) and
+fsync on; Orthanc runs with its defaults (SQLite index, storage area synced) plus
+TCP_NODELAY. Prints a table; paste it into benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/receive.py --slices 200 --size 512 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qgate.synth import make_ct_series, write_series
+from tests.conftest import free_port
+from tests.support.orthanc import start_orthanc
+from tests.support.qgate_proc import QgateProcess
+
+
+def _send(host_port: int, aec: str, files: list[Path]) -> float:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(host_port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu failed: {r.stderr[-2000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-fsync", action="store_true", help="qgate without fsync (not the default)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="qgate-bench-") as tmp:
+        work = Path(tmp)
+        series = []
+        for rep in range(args.reps * 2):
+            ds = make_ct_series(args.slices, args.size, args.size, seed=rep)
+            series.append(write_series(ds, work / f"in{rep}"))
+        mb = sum(p.stat().st_size for p in series[0]) / 1e6
+
+        archive = start_orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port())
+        cfg = {
+            "dicom": {"ae_title": "QGATE", "host": "127.0.0.1", "port": free_port()},
+            "archive": {"port": archive.dicom_port},
+            # Long enough that scoring does not compete with receiving during the run.
+            "series": {"stable_seconds": 3600, "release_grace_seconds": 3600},
+            "database": {"url": f"sqlite:///{work / 'qgate.db'}"},
+            "storage": {"root": str(work / "var"), "fsync": not args.no_fsync},
+        }
+        q = QgateProcess(work, cfg).start()
+        times: dict[str, list[float]] = {"qgate": [], "orthanc": []}
+        try:
+            for rep in range(args.reps):
+                # Alternate the order so neither side always runs on a warmer page cache.
+                order = [("qgate", q.port, "QGATE"), ("orthanc", archive.dicom_port, "ARCHIVE")]
+                if rep % 2:
+                    order.reverse()
+                for k, (name, port, aec) in enumerate(order):
+                    times[name].append(_send(port, aec, series[2 * rep + k]))
+            rows = q.cli_json("results", "--json")
+            received = sum(r["instances"] for r in rows)
+        finally:
+            q.stop()
+            archive.stop()
+        assert received == args.reps * args.slices, f"qgate recorded {received} instances"
+
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"series: {args.slices} x {args.size}x{args.size} CT, {mb:.1f} MB, one association, "
+        f"{args.reps} reps, fsync {'off' if args.no_fsync else 'on'}"
+    )
+    print()
+    print("| receiver | median s | min s | instances/s (median) | MB/s |")
+    print("| --- | --- | --- | --- | --- |")
+    med = {}
+    for name, ts in times.items():
+        med[name] = statistics.median(ts)
+        print(
+            f"| {name} | {med[name]:.3f} | {min(ts):.3f} | {args.slices / med[name]:.1f} | "
+            f"{mb / med[name]:.1f} |"
+        )
+    print()
+    print(f"ratio qgate/orthanc instances/s: {med['orthanc'] / med['qgate']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
