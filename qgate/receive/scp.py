@@ -1,0 +1,132 @@
+"""Wiring of the C-STORE SCP: the application entity, its contexts and its handlers.
+
+What qgate accepts at association negotiation:
+
+* Verification (C-ECHO), with pynetdicom's default transfer syntaxes.
+* C-STORE of **CT Image Storage** and **Enhanced CT Image Storage only**. Presentation
+  contexts for any other storage SOP class are rejected at negotiation (abstract syntax
+  not supported), so an MR or SR never reaches the spool; the sender sees the refusal
+  before it sends a byte of the dataset. qgate is a CT gate: storing instances it would
+  never score would make them silently disappear behind it instead.
+* Transfer syntaxes :data:`TRANSFER_SYNTAXES`: implicit and explicit VR little endian,
+  deflated explicit VR little endian, JPEG baseline, extended and lossless (processes 14
+  and 14 SV1), JPEG-LS lossless and near-lossless, JPEG 2000 lossless and lossy, and RLE.
+  Any other syntax is rejected at negotiation. The bytes are stored as received; pixels
+  are decoded later, by pydicom with the pylibjpeg plugins.
+* A non-empty ``dicom.allowed_calling_aets`` rejects associations from any other calling
+  AE title (A-ASSOCIATE-RJ, "calling AE title not recognised").
+
+``maximum_pdu_size = 0`` lets the peer send PDUs of any size, and the handler writes
+``event.encoded_dataset()`` as-is (the fast path; see :mod:`qgate.receive.handlers`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.config import Settings
+from qgate.receive.handlers import (
+    CT_STORAGE_SOP_CLASSES,
+    LOGGER,
+    ReceiveContext,
+    handle_echo,
+    handle_rejected,
+    handle_release,
+    handle_store,
+)
+from qgate.spool import ensure_dir
+
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,  # 1.2.840.10008.1.2.4.50
+    JPEGExtended12Bit,  # .4.51
+    JPEGLossless,  # .4.57
+    JPEGLosslessSV1,  # .4.70
+    JPEGLSLossless,  # .4.80
+    JPEGLSNearLossless,  # .4.81
+    JPEG2000Lossless,  # .4.90
+    JPEG2000,  # .4.91
+    RLELossless,  # .5
+)
+
+
+def build_ae(settings: Settings) -> AE:
+    """The SCP's application entity, configured from ``settings.dicom`` (not started)."""
+    cfg = settings.dicom
+    ae = AE(ae_title=cfg.ae_title)
+    ae.maximum_pdu_size = 0
+    ae.network_timeout = cfg.network_timeout
+    ae.require_calling_aet = list(cfg.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for sop_class in CT_STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def event_handlers(ctx: ReceiveContext) -> list[evt.EventHandlerType]:
+    """Handlers with ``ctx`` bound as their extra argument."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo, [ctx]),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_RELEASED, handle_release, [ctx]),
+        (evt.EVT_ABORTED, handle_release, [ctx]),
+        (evt.EVT_CONN_CLOSE, handle_release, [ctx]),
+        (evt.EVT_REJECTED, handle_rejected, [ctx]),
+    ]
+
+
+def start_scp(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    *,
+    logger: logging.Logger | None = None,
+) -> ThreadedAssociationServer:
+    """Start the SCP on ``settings.dicom.host:port`` in background threads.
+
+    Parameters
+    ----------
+    settings : qgate.config.Settings
+        Uses ``dicom`` (AE title, address, whitelist, limits, timeout) and ``storage``
+        (spool root, fsync).
+    sessions : sqlalchemy.orm.sessionmaker
+        Session factory of a migrated SQL store.
+    logger : logging.Logger, optional
+        Defaults to the ``qgate.receive`` logger.
+
+    Returns
+    -------
+    pynetdicom.transport.ThreadedAssociationServer
+        Call its ``shutdown()`` to stop.
+    """
+    ensure_dir(settings.spool_dir, fsync=settings.storage.fsync)
+    ctx = ReceiveContext(settings=settings, sessions=sessions, logger=logger or LOGGER)
+    ae = build_ae(settings)
+    server = ae.start_server(
+        (settings.dicom.host, settings.dicom.port),
+        block=False,
+        evt_handlers=event_handlers(ctx),
+    )
+    assert server is not None
+    return server
