@@ -98,9 +98,15 @@ class Threshold(BaseModel):
     reason: str | None = None
 
 
+def _default_thresholds() -> list[Threshold]:
+    from qgate.decide import DEFAULT_THRESHOLDS  # decide imports this module
+
+    return list(DEFAULT_THRESHOLDS)
+
+
 class GateConfig(BaseModel):
     mode: Literal["observe", "forward", "gate"] = "observe"
-    thresholds: list[Threshold] = Field(default_factory=list)
+    thresholds: list[Threshold] = Field(default_factory=_default_thresholds)
 
 
 class ScoringConfig(BaseModel):

@@ -5,6 +5,7 @@ Pure and database-free, so the worker and the offline ``qgate score`` share it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 from qgate.config import Settings, Threshold
 from qgate.decide import Decision, decide
-from qgate.scoring import Scorer, ScoreOutput, create_scorer
+from qgate.scoring import ScoreOutput, Scorer, create_scorer
 from qgate.volume import LoadedSeries, load_series
 
 
@@ -35,12 +36,21 @@ def build_scorers(settings: Settings) -> list[Scorer]:
     return [create_scorer(name) for name in settings.scoring.scorers]
 
 
+def _finite(v: Any) -> Any:
+    # Strict JSON (and PostgreSQL's JSON type) has no NaN: "nothing to measure" is null.
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def scores_json(
     outputs: dict[str, ScoreOutput], versions: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
     """The ``scores`` object of a result: series outputs flat, per-slice lists under ``slices``."""
     return {
-        name: {**out.series, "slices": dict(out.slices), "version": versions[name]}
+        name: {
+            **{k: _finite(v) for k, v in out.series.items()},
+            "slices": {k: [_finite(float(x)) for x in vals] for k, vals in out.slices.items()},
+            "version": versions[name],
+        }
         for name, out in outputs.items()
     }
 
