@@ -50,6 +50,7 @@ def create_model(
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"weights {weights} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"weights {weights} do not fit {name}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     return model.to(device)
