@@ -20,6 +20,7 @@ from qgate.db import make_engine, make_session_factory, upgrade
 from qgate.dispatch.dispatcher import Dispatcher
 from qgate.queue import release_owner
 from qgate.receive import start_scp
+from qgate.receive.recover import recover_spool
 from qgate.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Service:
         ]
         for t in self._threads:
             t.start()
+        recover_spool(s, sessions)
         self._scp = start_scp(s, sessions)
         log.info(
             "qgate serving %s on %s:%d (mode %s, database %s)",

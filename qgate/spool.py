@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import threading
 from pathlib import Path
 
 from qgate.uids import clean_uid
@@ -77,14 +77,19 @@ def write_temp(path: Path, data: bytes, *, fsync: bool) -> Path:
     :func:`publish` is a same-folder rename. With ``fsync`` its content is flushed to disk.
     """
     ensure_dir(path.parent, fsync=fsync)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    tmp = Path(name)
+    # Unique per writer thread (two associations may carry the same instance at once);
+    # cheaper than mkstemp's random names, which matters on the C-STORE path.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         discard(tmp)
         raise

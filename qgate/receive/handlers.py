@@ -410,7 +410,7 @@ class _Statements:
                 "updated_at": new.updated_at,
                 **{k: func.coalesce(getattr(new, k), col[k]) for k in keep},
             },
-        ).returning(col.status)
+        ).returning(col.status, col.instance_count)
         instance = (
             dialect_insert(_INSTANCES)
             .on_conflict_do_nothing(index_elements=[_INSTANCES.c.sop_instance_uid])
@@ -498,7 +498,7 @@ def record_instance(
     uid = header.series_instance_uid
     try:
         with session.begin():
-            status = session.execute(
+            status, count = session.execute(
                 sql.upsert_series,
                 {
                     "series_instance_uid": uid,
@@ -521,7 +521,7 @@ def record_instance(
                     "skip_reason": None,
                     "updated_at": now,
                 },
-            ).scalar_one()
+            ).one()
             inserted = session.execute(
                 sql.insert_instance,
                 {
@@ -539,7 +539,9 @@ def record_instance(
             ).scalar_one_or_none()
             if inserted is None:
                 raise _Duplicate
-            events = [_event(uid, EV_RECEIVED, header.sop_instance_uid, now)]
+            # The instance row is the per-instance record; the trail gets the series'
+            # first instance, not every one (an extra insert on the hot path).
+            events = [_event(uid, EV_RECEIVED, "first instance", now)] if count == 1 else []
             generation = None
             if status != "receiving":  # the upsert leaves status alone: re-open here
                 generation = session.execute(
@@ -547,7 +549,8 @@ def record_instance(
                 ).scalar_one_or_none()
                 if generation is not None:
                     events.append(_event(uid, EV_REOPENED, f"generation={generation}", now))
-            session.execute(sql.insert_events, events)
+            if events:
+                session.execute(sql.insert_events, events)
             publish(tmp, path, fsync=fsync)
     except _Duplicate:
         with session.begin():

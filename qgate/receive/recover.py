@@ -1,0 +1,95 @@
+"""Start-up reconciliation of the spool with the SQL store.
+
+An instance is acknowledged only after its file is fsynced and renamed into the spool
+and its row is committed. With SQLite in ``synchronous=NORMAL`` a power loss can still
+drop the last commits, so the fsynced file is the source of truth: at start-up, spool
+files newer than the newest recorded instance (minus a margin) that have no row are
+recorded again, and temporary files left by an interrupted write are removed (they were
+never acknowledged).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+
+from pydicom.uid import UID
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.config import Settings
+from qgate.db.models import Instance, utcnow
+from qgate.receive.handlers import (
+    Rejected,
+    Undecodable,
+    check_header,
+    read_header,
+    record_instance,
+)
+from qgate.spool import TMP_SUFFIX, discard
+
+log = logging.getLogger(__name__)
+
+#: Files this much older than the newest recorded instance are assumed recorded.
+MARGIN = dt.timedelta(minutes=10)
+
+
+def recover_spool(settings: Settings, sessions: sessionmaker[Session]) -> int:
+    """Record spool files that lost their row; returns how many were recorded."""
+    root = settings.spool_dir
+    if not root.is_dir():
+        return 0
+    with sessions() as session:
+        newest = session.scalar(select(func.max(Instance.received_at)))
+    since = (newest - MARGIN).timestamp() if newest is not None else 0.0
+    recorded = 0
+    for series_dir in os.scandir(root):
+        if not series_dir.is_dir():
+            continue
+        for entry in os.scandir(series_dir.path):
+            if entry.name.endswith(TMP_SUFFIX):
+                discard(Path(entry.path))
+                continue
+            if not entry.name.endswith(".dcm") or entry.stat().st_mtime < since:
+                continue
+            if _record_orphan(settings, sessions, Path(entry.path)):
+                recorded += 1
+    if recorded:
+        log.warning("recovered %d spooled instance(s) that had no database row", recorded)
+    return recorded
+
+
+def _record_orphan(settings: Settings, sessions: sessionmaker[Session], path: Path) -> bool:
+    with sessions() as session:
+        if session.scalar(select(Instance.id).where(Instance.path == str(path))) is not None:
+            return False
+    data = path.read_bytes()
+    try:
+        ds = read_header(data)
+        ts = UID(str(ds.file_meta.TransferSyntaxUID))
+        header = check_header(
+            ds,
+            sop_class_uid=str(ds.file_meta.MediaStorageSOPClassUID),
+            sop_instance_uid=str(ds.file_meta.MediaStorageSOPInstanceUID),
+            transfer_syntax=ts,
+            limits=settings.dicom,
+        )
+    except (Undecodable, Rejected, AttributeError) as exc:
+        log.warning("spool file %s cannot be recovered: %s", path.name, exc)
+        return False
+    with sessions() as session:
+        outcome = record_instance(
+            session,
+            header=header,
+            transfer_syntax=str(ts),
+            calling_aet="(recovered)",
+            path=path,
+            tmp=path,
+            size=len(data),
+            new_for_association=False,
+            fsync=settings.storage.fsync,
+            now=utcnow(),
+        )
+    return not outcome.duplicate
