@@ -20,9 +20,23 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+    """A session factory on a migrated database; a clear error (no traceback) otherwise."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
     from qgate.db import make_engine, make_session_factory
 
-    return make_session_factory(make_engine(settings.database.url))
+    engine = make_engine(settings.database.url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        migrated = inspect(engine).has_table("alembic_version")
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"cannot open the database {where}: {exc}") from exc
+    if not migrated:
+        raise click.ClickException(
+            f"the database {where} has no qgate schema; run `qgate db upgrade` first"
+        )
+    return make_session_factory(engine)
 
 
 def _echo_json(obj: Any) -> None:
@@ -280,6 +294,34 @@ def jobs_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
     with _sessions(_settings(ctx))() as session:
         n = retry_parked(session, list(ids) or None)
     click.echo(f"requeued {n} job(s)")
+
+
+@main.group()
+def user() -> None:
+    """Users of the review web app."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice(["radiologist", "admin"]), required=True, help="what NAME may do"
+)
+@click.pass_context
+def user_add(ctx: click.Context, name: str, role: str) -> None:
+    """Create user NAME; the password is read from stdin (prompted for on a terminal)."""
+    from qgate.users import UserError, create_user
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    with _sessions(_settings(ctx))() as session:
+        try:
+            create_user(session, username=name, password=password, role=role, by="cli")
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from exc
+        session.commit()
+    click.echo(f"user {name} added ({role})")
 
 
 if __name__ == "__main__":

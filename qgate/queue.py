@@ -152,14 +152,19 @@ def fail(
         series_uid=job.series_instance_uid,
         detail=f"job {job.id} attempt {job.attempts}: {error[:500]}",
     )
+    same_generation = (
+        Series.series_instance_uid == job.series_instance_uid,
+        Series.generation == job.generation,
+    )
     if parked:
         session.execute(
+            update(Series).where(*same_generation).values(status="failed", skip_reason=error[:4000])
+        )
+    else:  # back in the queue: nobody is scoring the series until the next claim
+        session.execute(
             update(Series)
-            .where(
-                Series.series_instance_uid == job.series_instance_uid,
-                Series.generation == job.generation,
-            )
-            .values(status="failed", skip_reason=error[:4000])
+            .where(*same_generation, Series.status == "scoring")
+            .values(status="queued")
         )
     session.commit()
     return state
@@ -174,6 +179,15 @@ def release_owner(session: Session, owner: str) -> int:
         job.state = "queued"
         job.lease_owner = None
         job.lease_expires_at = None
+        session.execute(
+            update(Series)
+            .where(
+                Series.series_instance_uid == job.series_instance_uid,
+                Series.generation == job.generation,
+                Series.status == "scoring",
+            )
+            .values(status="queued")
+        )
         record(
             session,
             STAGE,

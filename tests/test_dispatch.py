@@ -44,12 +44,11 @@ from qgate.dispatch import (
 )
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
-from tests.support.orthanc import Orthanc, orthanc, orthanc_available, start_orthanc
+from tests.support.orthanc import Orthanc, orthanc, start_orthanc
 
 __all__ = ["orthanc"]  # the fixture, imported for pytest
 
 BACKOFF = re.compile(r"next in ([\d.]+) s")
-needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -189,7 +188,6 @@ def counting_scp() -> Iterator[Callable[..., CountingSCP]]:
 # -- (a) a series through the outbox into Orthanc ------------------------------------------
 
 
-@needs_orthanc
 def test_series_through_outbox_reaches_orthanc(
     orthanc: Orthanc, settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -212,7 +210,6 @@ def test_series_through_outbox_reaches_orthanc(
 # -- (b) archive down, then up ---------------------------------------------------------------
 
 
-@needs_orthanc
 def test_archive_down_then_up_retries_with_backoff(
     settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -257,7 +254,6 @@ def test_archive_down_then_up_retries_with_backoff(
 # -- (c) dead letter, then resubmitted -------------------------------------------------------
 
 
-@needs_orthanc
 def test_dead_letter_after_max_attempts_then_retry_delivers(
     settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
