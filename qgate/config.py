@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -98,9 +98,39 @@ class Threshold(BaseModel):
     reason: str | None = None
 
 
-def _default_thresholds() -> list[Threshold]:
-    from qgate.decide import DEFAULT_THRESHOLDS  # decide imports this module
+#: Default limits for the classical measures (copied into ``config.yaml``).
+#:
+#: ``noise.noise_sigma_hu`` max 30 HU. Soft-tissue noise of routine diagnostic body CT
+#: with soft-tissue kernels is typically 10-20 HU at 2.5-5 mm and somewhat higher for
+#: thin slices; head protocols are lower still. Automated "global noise" measures of the
+#: same kind (Christianson et al., AJR 2015) are what CT quality programmes track. At 30
+#: HU the noise is about twice the usual level and comparable to the contrast of
+#: low-contrast lesions (10-20 HU), so the series deserves a look: flagging, not
+#: rejecting. This suits soft-tissue kernels only: sharp (lung, bone) kernels exceed 30
+#: HU by design and need their own limit or exemption. Our judgement, not a standard.
+#:
+#: ``snr.snr`` min 25. SNR is (mean HU + 1000) / ROI std in soft tissue, so for muscle
+#: (~40 HU) 25 corresponds to an ROI std of about 42 HU. The ROI std includes some
+#: anatomy, so SNR reads lower than 1040 / sigma; the limit is set below the noise
+#: limit's equivalent (1040 / 30 ~ 35) so that it catches grossly noisy series
+#: without flagging everything the noise limit passes.
+DEFAULT_THRESHOLDS: tuple[Threshold, ...] = (
+    Threshold(
+        scorer="noise",
+        output="noise_sigma_hu",
+        max=30.0,
+        reason="soft-tissue noise too high for routine diagnostic CT",
+    ),
+    Threshold(
+        scorer="snr",
+        output="snr",
+        min=25.0,
+        reason="soft-tissue SNR too low",
+    ),
+)
 
+
+def _default_thresholds() -> list[Threshold]:
     return list(DEFAULT_THRESHOLDS)
 
 
@@ -112,6 +142,25 @@ class GateConfig(BaseModel):
 class ScoringConfig(BaseModel):
     scorers: list[str] = Field(default_factory=lambda: ["noise", "snr"])
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WebConfig(BaseModel):
+    """The review web app, served by ``qgate serve`` beside the DICOM stages (``qgate.web``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0 = any free port (tests)
+    # Signs the session cookies. Unset: a random key is generated on first start and kept
+    # in storage.root/web-secret.key (mode 0600). Nodes behind one address must share it
+    # (QGATE_WEB__SECRET_KEY). Changing it logs everybody out.
+    secret_key: SecretStr | None = None
+    # Mark cookies Secure (sent over HTTPS only). Turn on when served over TLS, directly or
+    # behind a TLS-terminating proxy.
+    secure_cookies: bool = False
+    # A login lasts this long.
+    session_hours: float = Field(12.0, gt=0)
+    # Worklist rows per page.
+    page_size: int = Field(25, ge=5, le=200)
 
 
 class Settings(BaseSettings):
@@ -130,6 +179,7 @@ class Settings(BaseSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @classmethod
     def settings_customise_sources(

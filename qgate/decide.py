@@ -12,39 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qgate.config import DEFAULT_THRESHOLDS as DEFAULT_THRESHOLDS
 from qgate.config import Threshold
 from qgate.scoring.base import ScoreOutput
 
-#: Default limits for the classical measures (copied into ``config.yaml``).
-#:
-#: ``noise.noise_sigma_hu`` max 30 HU. Soft-tissue noise of routine diagnostic body CT
-#: with soft-tissue kernels is typically 10-20 HU at 2.5-5 mm and somewhat higher for
-#: thin slices; head protocols are lower still. Automated "global noise" measures of the
-#: same kind (Christianson et al., AJR 2015) are what CT quality programmes track. At 30
-#: HU the noise is about twice the usual level and comparable to the contrast of
-#: low-contrast lesions (10-20 HU), so the series deserves a look: flagging, not
-#: rejecting. This suits soft-tissue kernels only: sharp (lung, bone) kernels exceed 30
-#: HU by design and need their own limit or exemption. Our judgement, not a standard.
-#:
-#: ``snr.snr`` min 25. SNR is (mean HU + 1000) / ROI std in soft tissue, so for muscle
-#: (~40 HU) 25 corresponds to an ROI std of about 42 HU. The ROI std includes some
-#: anatomy, so SNR reads lower than 1040 / sigma; the limit is set below the noise
-#: limit's equivalent (1040 / 30 ~ 35) so that it catches grossly noisy series
-#: without flagging everything the noise limit passes.
-DEFAULT_THRESHOLDS: tuple[Threshold, ...] = (
-    Threshold(
-        scorer="noise",
-        output="noise_sigma_hu",
-        max=30.0,
-        reason="soft-tissue noise too high for routine diagnostic CT",
-    ),
-    Threshold(
-        scorer="snr",
-        output="snr",
-        min=25.0,
-        reason="soft-tissue SNR too low",
-    ),
-)
+# The defaults live in qgate.config (no scorer imports there); re-exported here.
 
 
 @dataclass
