@@ -1,0 +1,410 @@
+"""CT preprocessing shared by the models, their training and the worker.
+
+Everything here is plain torch (numpy arrays are accepted and converted), works on any
+device and never imports ``qgate.models``: training, serving and the other models import
+it, so that the pixels a model was trained on are the pixels it is served (timm's
+``resolve_model_data_config`` habit; each model config holds its input config below).
+
+Tensors are (..., rows, cols) unless stated; HU in, float32 out.
+
+Contents
+--------
+- :func:`window` / :func:`hu_to_unit`: HU to [0, 1].
+- :func:`gaussian_blur`, :func:`high_pass`: the Noise2Quality high-pass image
+  ``I - upsample(downsample(GaussianBlur(I)))`` (one Laplacian-pyramid level).
+- :func:`resize2d`, :func:`local_rms`, :func:`depth_indices`: resampling.
+- :func:`ssim_map`: the Noise2Quality target (Gaussian 11 x 11, sigma 1.5).
+- :class:`N2QInputConfig` + :func:`prepare_n2q_input`,
+  :class:`ChestInputConfig` + :func:`prepare_chest_input`: a model's full input pipeline.
+- :func:`inference_context`, :func:`device_layout`: how inputs meet the device (bf16
+  autocast and channels_last on CUDA, plain fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ChestInputConfig",
+    "N2QInputConfig",
+    "as_tensor",
+    "depth_indices",
+    "device_layout",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "high_pass",
+    "hu_to_unit",
+    "inference_context",
+    "local_rms",
+    "prepare_chest_input",
+    "prepare_n2q_input",
+    "resize2d",
+    "ssim_map",
+    "window",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def as_tensor(x: ArrayLike, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A float tensor view/copy of ``x`` on its own device (numpy goes to CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+def _float(x: ArrayLike) -> torch.Tensor:
+    """``x`` as a floating tensor, keeping a floating tensor's dtype and device."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x
+    return as_tensor(x)
+
+
+def _as_4d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """(..., H, W) -> (N, 1, H, W), remembering the leading shape."""
+    if x.ndim < 2:
+        raise ValueError(f"need at least 2-D (rows, cols), got shape {tuple(x.shape)}")
+    lead = x.shape[:-2]
+    return x.reshape(-1, 1, *x.shape[-2:]), lead
+
+
+def window(hu: ArrayLike, center: float, width: float) -> torch.Tensor:
+    """Display window ``center``/``width`` (HU) mapped linearly to [0, 1], clipped."""
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    lo = center - width / 2.0
+    return ((as_tensor(hu) - lo) / width).clamp_(0.0, 1.0)
+
+
+def hu_to_unit(hu: ArrayLike, hu_range: tuple[float, float]) -> torch.Tensor:
+    """Clip HU to ``hu_range`` = (low, high) and map it linearly to [0, 1]."""
+    lo, hi = hu_range
+    if not hi > lo:
+        raise ValueError(f"hu_range must be (low, high), got {hu_range}")
+    return window(hu, (lo + hi) / 2.0, hi - lo)
+
+
+def gaussian_kernel1d(
+    sigma: float,
+    *,
+    truncate: float = 2.0,
+    radius: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ``ceil(truncate * sigma)`` (>= 1) unless given."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if radius is None:
+        radius = max(1, math.ceil(truncate * sigma - 1e-9))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(
+    x: ArrayLike, sigma: float, *, truncate: float = 2.0, radius: int | None = None
+) -> torch.Tensor:
+    """Separable Gaussian blur over the last two axes, reflect padding at the borders.
+
+    Reflect padding keeps a constant image constant (and so the high-pass exactly zero).
+    """
+    x4, lead = _as_4d(_float(x))
+    k = gaussian_kernel1d(sigma, truncate=truncate, radius=radius, dtype=torch.float64).tolist()
+    r = len(k) // 2
+    h, w = x4.shape[-2:]
+    # Reflect padding needs r < size; fall back to replicate for tiny images.
+    xp = F.pad(x4, (r, r, r, r), mode="reflect" if r < min(h, w) else "replicate")
+    # Shifted multiply-adds: several times faster on CPU than a 1-channel conv2d.
+    if xp.requires_grad:  # out-of-place, for autograd
+        t = xp[..., 0:w] * k[0]
+        for i in range(1, 2 * r + 1):
+            t = t + k[i] * xp[..., i : i + w]
+        y = t[..., 0:h, :] * k[0]
+        for i in range(1, 2 * r + 1):
+            y = y + k[i] * t[..., i : i + h, :]
+    else:
+        t = xp[..., 0:w] * k[0]
+        for i in range(1, 2 * r + 1):
+            t.add_(xp[..., i : i + w], alpha=k[i])
+        y = t[..., 0:h, :] * k[0]
+        for i in range(1, 2 * r + 1):
+            y.add_(t[..., i : i + h, :], alpha=k[i])
+    return y.reshape(*lead, h, w)
+
+
+def resize2d(
+    x: ArrayLike,
+    size: int | tuple[int, int],
+    *,
+    mode: Literal["bilinear", "area", "nearest"] = "bilinear",
+) -> torch.Tensor:
+    """Resize the last two axes to ``size``; bilinear is anti-aliased when shrinking."""
+    t = _float(x)
+    out_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if tuple(t.shape[-2:]) == out_hw:
+        return t
+    x4, lead = _as_4d(t)
+    if mode == "bilinear":
+        y = F.interpolate(x4, size=out_hw, mode="bilinear", align_corners=False, antialias=True)
+    elif mode == "area":
+        y = F.adaptive_avg_pool2d(x4, out_hw)
+    else:
+        y = F.interpolate(x4, size=out_hw, mode="nearest-exact")
+    return y.reshape(*lead, *out_hw)
+
+
+def high_pass(x: ArrayLike, *, sigma: float = 1.0, factor: int = 2) -> torch.Tensor:
+    """High-pass image ``I - upsample(downsample(GaussianBlur(I)))``.
+
+    One level of a Laplacian pyramid (``cv2.pyrDown``/``pyrUp`` style): blur with
+    ``sigma`` (1 px is close to the 5-tap pyramid kernel), area-downsample by ``factor``,
+    bilinear-upsample back to the input grid, subtract. Constants give exactly 0 and
+    linear ramps 0 away from the border, so the result has ~zero mean and keeps noise,
+    edges and fine texture: what differs between dose levels and kernels.
+    """
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    x4, lead = _as_4d(_float(x))
+    h, w = x4.shape[-2:]
+    low = gaussian_blur(x4, sigma)
+    if factor > 1:
+        low = F.adaptive_avg_pool2d(low, (math.ceil(h / factor), math.ceil(w / factor)))
+        low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    return (x4 - low).reshape(*lead, h, w)
+
+
+def local_rms(x: ArrayLike, size: int | tuple[int, int]) -> torch.Tensor:
+    """Root-mean-square of ``x`` over the area each output pixel of ``size`` covers.
+
+    Used to carry the native-resolution noise level through a downsampling that would
+    otherwise average it away.
+    """
+    return resize2d(_float(x) ** 2, size, mode="area").clamp_min(0.0).sqrt()
+
+
+def depth_indices(
+    n_slices: int, depth: int, mode: Literal["even", "center"] = "even"
+) -> np.ndarray:
+    """Which of ``n_slices`` to take for a ``depth``-slice model input.
+
+    ``even``: ``depth`` slices spread evenly over the series (nearest slice, no
+    averaging, so each keeps its own noise). ``center``: ``depth`` consecutive slices
+    around the middle. Short series repeat slices (nearest) to fill ``depth``.
+    """
+    if n_slices < 1 or depth < 1:
+        raise ValueError(f"need n_slices >= 1 and depth >= 1, got {n_slices}, {depth}")
+    if mode == "even" or n_slices <= depth:
+        # Centres of depth equal bins, rounded to the nearest slice.
+        pos = (np.arange(depth) + 0.5) * n_slices / depth - 0.5
+        return np.clip(np.rint(pos), 0, n_slices - 1).astype(np.int64)
+    if mode == "center":
+        start = (n_slices - depth) // 2
+        return np.arange(start, start + depth, dtype=np.int64)
+    raise ValueError(f"unknown depth mode {mode!r}")
+
+
+def ssim_map(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k: tuple[float, float] = (0.01, 0.03),
+    data_range: float = 1.0,
+) -> torch.Tensor:
+    """Per-pixel SSIM between ``x`` and ``y`` (same shape, (..., H, W)), in [-1, 1].
+
+    Wang et al. 2004 with a ``win_size`` Gaussian window of ``sigma`` (the
+    Noise2Quality target: 11 x 11, 1.5, K = (0.01, 0.03), data range 1 on the windowed
+    image). Borders use reflect padding so the map has the input's size.
+    """
+    a, b = _float(x), _float(y)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a4, lead = _as_4d(a)
+    b4, _ = _as_4d(b)
+    h, w = a4.shape[-2:]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(t, sigma, radius=win_size // 2)
+
+    mu_a, mu_b = blur(a4), blur(b4)
+    s_aa = blur(a4 * a4) - mu_a**2
+    s_bb = blur(b4 * b4) - mu_b**2
+    s_ab = blur(a4 * b4) - mu_a * mu_b
+    c1, c2 = (k[0] * data_range) ** 2, (k[1] * data_range) ** 2
+    num = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2)
+    return (num / den).reshape(*lead, h, w)
+
+
+# --------------------------------------------------------------------------- Noise2Quality
+
+
+@dataclass(frozen=True)
+class N2QInputConfig:
+    """Noise2Quality input: window, resize, then [image, high-pass image].
+
+    Parameters
+    ----------
+    window_center, window_width : float
+        HU window mapped to [0, 1] (public notebook: C 40 / W 300).
+    size : int
+        Square model input (notebook: 256).
+    highpass : bool
+        Add the high-pass channel (the paper's 2-channel input; ``False`` is the
+        "U-Net without HPF" ablation).
+    highpass_sigma : float
+        Blur of the high-pass, in pixels of the resized image. OUR choice: 1.0, close to
+        the 5-tap pyramid kernel; the paper does not give it.
+    highpass_factor : int
+        Down/up-sampling factor of the high-pass (one pyramid level: 2).
+    """
+
+    window_center: float = 40.0
+    window_width: float = 300.0
+    size: int = 256
+    highpass: bool = True
+    highpass_sigma: float = 1.0
+    highpass_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.window_width <= 0:
+            raise ValueError(f"window_width must be > 0, got {self.window_width}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16, got {self.size}")
+
+    @property
+    def in_chans(self) -> int:
+        return 2 if self.highpass else 1
+
+
+def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
+    """HU slices (S, H, W) or (H, W) -> model input (S, C, size, size), float32.
+
+    Order: window to [0, 1] (clipped), resize to ``size`` (anti-aliased bilinear), then
+    the high-pass of the resized windowed image as channel 1 — the image and its
+    high-pass live on the same grid as the predicted SSIM map. Runs on ``hu``'s device.
+    """
+    t = as_tensor(hu)
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"hu must be (slices, rows, cols), got shape {tuple(t.shape)}")
+    img = resize2d(window(t, cfg.window_center, cfg.window_width), cfg.size)[:, None]
+    if not cfg.highpass:
+        return img.contiguous()
+    hp = high_pass(img, sigma=cfg.highpass_sigma, factor=cfg.highpass_factor)
+    return torch.cat([img, hp], dim=1)
+
+
+# --------------------------------------------------------------------------- Chest CT-IQA
+
+
+@dataclass(frozen=True)
+class ChestInputConfig:
+    """Chest CT-IQA input: a short 3-D volume (1, C, depth, size, size).
+
+    The paper gives no input size or normalisation; everything here is OUR choice.
+
+    Parameters
+    ----------
+    depth : int
+        Slices in the model input (32), picked by ``depth_mode``.
+    depth_mode : {"even", "center"}
+        ``even``: spread over the whole series, nearest slice (the paper feeds the whole
+        sequence); ``center``: consecutive slices around the middle.
+    size : int
+        In-plane size (128): the whole slice is resized (anti-aliased), keeping the FOV.
+    hu_range : tuple of float
+        Image channel: HU clipped to this range and mapped to [0, 1]. Wide (-1000..1000)
+        so both lung and soft-tissue contrast survive: the window/kernel class is read from
+        the image, not from a display window.
+    noise_channel : bool
+        Add a channel with the native-resolution noise/sharpness level:
+        ``log1p(local_rms(high_pass(HU)) / noise_ref_hu)`` over each output pixel's area.
+        Resizing 512 -> 128 averages the noise texture away; this channel keeps what the
+        dose and kernel classes (and SNR) depend on. ``False`` gives the paper's
+        single-channel grey-level input.
+    noise_ref_hu : float
+        HU that maps to log1p(1) in the noise channel (10 HU: routine soft-tissue noise).
+    highpass_sigma : float
+        Blur of the high-pass, in native pixels.
+    """
+
+    depth: int = 32
+    depth_mode: Literal["even", "center"] = "even"
+    size: int = 128
+    hu_range: tuple[float, float] = (-1000.0, 1000.0)
+    noise_channel: bool = True
+    noise_ref_hu: float = 10.0
+    highpass_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.size < 32:
+            raise ValueError(f"need depth >= 1 and size >= 32, got {self.depth}, {self.size}")
+        if self.depth_mode not in ("even", "center"):
+            raise ValueError(f"depth_mode must be 'even' or 'center', got {self.depth_mode!r}")
+        if not self.hu_range[1] > self.hu_range[0]:
+            raise ValueError(f"hu_range must be (low, high), got {self.hu_range}")
+        if self.noise_ref_hu <= 0:
+            raise ValueError(f"noise_ref_hu must be > 0, got {self.noise_ref_hu}")
+
+    @property
+    def in_chans(self) -> int:
+        return 2 if self.noise_channel else 1
+
+
+def prepare_chest_input(hu: ArrayLike, cfg: ChestInputConfig) -> torch.Tensor:
+    """A series in HU (S, H, W) -> model input (1, C, depth, size, size), float32.
+
+    Runs on ``hu``'s device (pass a CUDA tensor to preprocess on the GPU).
+    """
+    t = as_tensor(hu)
+    if t.ndim != 3:
+        raise ValueError(f"hu must be (slices, rows, cols), got shape {tuple(t.shape)}")
+    idx = torch.from_numpy(depth_indices(t.shape[0], cfg.depth, cfg.depth_mode))
+    vol = t.index_select(0, idx.to(t.device))
+    chans = [resize2d(hu_to_unit(vol, cfg.hu_range), cfg.size)]
+    if cfg.noise_channel:
+        hp = high_pass(vol, sigma=cfg.highpass_sigma)
+        chans.append(torch.log1p(local_rms(hp, cfg.size) / cfg.noise_ref_hu))
+    return torch.stack(chans, dim=0)[None].contiguous()
+
+
+# --------------------------------------------------------------------------- device
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device | str, *, amp: bool = True) -> Iterator[None]:
+    """``inference_mode``, plus bf16 autocast on CUDA when ``amp``.
+
+    CPU stays fp32: bf16 convolutions are slower than fp32 on most CPUs.
+    """
+    dev = torch.device(device)
+    with torch.inference_mode():
+        if amp and dev.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+
+def device_layout(x: torch.Tensor) -> torch.Tensor:
+    """channels_last (4-D) / channels_last_3d (5-D) on CUDA; unchanged elsewhere."""
+    if x.device.type != "cuda":
+        return x
+    if x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.ndim == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x

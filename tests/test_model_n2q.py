@@ -1,0 +1,150 @@
+"""Noise2Quality (qgate.models.n2q): shapes, output range, loss, learning, predict, weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qgate.models import create_model, list_models
+from qgate.models.n2q import N2QConfig, N2QNet, N2QOutput, N2QTargets, predict_n2q
+from qgate.models.preprocess import N2QInputConfig, gaussian_blur, high_pass
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models on shared cores: one thread avoids thread-pool contention (10x faster).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_registered_and_sized() -> None:
+    assert {"n2q_small", "n2q_tiny"} <= set(list_models("n2q"))
+    small, tiny = create_model("n2q_small"), create_model("n2q_tiny")
+    n_small = sum(p.numel() for p in small.parameters())
+    n_tiny = sum(p.numel() for p in tiny.parameters())
+    assert n_small < 2_500_000  # < 10 MB in float32
+    assert n_tiny < n_small / 3
+    assert isinstance(small, N2QNet) and small.cfg.widths == (16, 32, 64, 128, 256)
+    assert small.dose_head.in_features == 256 and small.dose_head.out_features == 5
+    assert small.encoder[0][0].in_channels == 2  # [image, high-pass], as in the paper
+
+
+def test_forward_shapes_and_tanh_range() -> None:
+    model = create_model("n2q_tiny").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 2, 48, 40))
+        assert isinstance(out, N2QOutput)
+        assert out.quality_map.shape == (2, 1, 48, 40)
+        assert out.dose_logits.shape == (2, 5)
+        # Untrained: a flat map near init_quality; any input stays inside SSIM's range.
+        assert abs(float(out.quality_map.mean()) - 0.5) < 0.1
+        wild = model(1e4 * torch.randn(2, 2, 32, 32)).quality_map
+        assert float(wild.abs().max()) <= 1.0
+        channels_last = model(
+            torch.randn(2, 2, 32, 32).contiguous(memory_format=torch.channels_last)
+        )
+        assert channels_last.quality_map.shape == (2, 1, 32, 32)
+
+
+def test_hpf_ablation_changes_input_channels() -> None:
+    model = create_model("n2q_tiny", input=N2QInputConfig(highpass=False))
+    assert model.cfg.in_chans == 1 and model.encoder[0][0].in_channels == 1
+    with pytest.raises(TypeError):
+        create_model("n2q_tiny", no_such_field=1)
+
+
+def test_loss_is_map_mse_plus_alpha_ce() -> None:
+    model = create_model("n2q_tiny")
+    out = N2QOutput(
+        torch.full((2, 1, 4, 4), 0.5), torch.tensor([[2.0, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    )
+    tgt = N2QTargets(torch.full((2, 1, 4, 4), 0.7), torch.tensor([0, 1]))
+    total, parts = model.loss(out, tgt)
+    ce = torch.nn.functional.cross_entropy(out.dose_logits, tgt.dose)
+    assert torch.isclose(parts["map"], torch.tensor(0.04))
+    assert torch.isclose(total, 0.04 + 0.01 * ce)
+    assert set(model.loss(out, N2QTargets(tgt.quality_map))[1]) == {"map"}
+
+
+def _toy_batch(g: torch.Generator, n: int) -> tuple[torch.Tensor, N2QTargets]:
+    # Smooth random images; the target map is the image, the class its mean brightness.
+    z = gaussian_blur(torch.randn(n, 32, 32, generator=g), 2.0)
+    lo, hi = z.amin((1, 2), keepdim=True), z.amax((1, 2), keepdim=True)
+    z = (z - lo) / (hi - lo)
+    dose = (z.mean((1, 2)) * 5).clamp(0, 4.99).long()
+    return torch.stack([z, high_pass(z)], 1), N2QTargets(z[:, None].contiguous(), dose)
+
+
+def test_learns_an_input_dependent_target() -> None:
+    g = torch.Generator().manual_seed(0)
+    model = create_model("n2q_tiny")
+    x_val, t_val = _toy_batch(g, 16)
+
+    def val() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            parts = model.loss(model(x_val), t_val)[1]
+        model.train()
+        return {k: float(v) for k, v in parts.items()}
+
+    before = val()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        x, t = _toy_batch(g, 8)
+        loss, _ = model.loss(model(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = val()
+    assert after["map"] < 0.5 * before["map"]
+    assert after["dose"] < before["dose"]
+
+
+def test_predict_maps_mask_mean_and_dose_class() -> None:
+    cfg = N2QConfig(widths=(8, 16, 32, 64, 128), input=N2QInputConfig(size=64))
+    model = N2QNet(cfg)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 60, (3, 80, 96)).astype(np.float32)
+    mask = np.zeros(hu.shape, bool)
+    mask[0, 10:50, 20:70] = True
+    mask[1] = True  # slice 2 keeps an empty mask
+    pred = predict_n2q(model, hu, mask, batch_size=2)
+    assert pred.maps is not None and pred.maps.shape == (3, 80, 96)
+    assert pred.maps.dtype == np.float32 and np.abs(pred.maps).max() <= 1.0
+    expected = pred.maps[mask].mean()
+    assert pred.mean_quality == pytest.approx(float(expected), abs=1e-5)
+    assert pred.slice_quality[0] == pytest.approx(float(pred.maps[0][mask[0]].mean()), abs=1e-5)
+    assert np.isnan(pred.slice_quality[2])
+    assert pred.dose_class in (5, 10, 25, 50, 75)
+    assert pred.dose_probs.shape == (3, 5)
+    assert np.allclose(pred.dose_probs.sum(1), 1.0, atol=1e-5)
+    assert set(pred.series_json()) == {"mean_quality", "dose_class"}
+    assert len(pred.slice_dose_class) == 3
+
+    small = predict_n2q(model, hu[0], None, map_size="model", return_maps=True)
+    assert small.maps is not None and small.maps.shape == (1, 64, 64)
+    assert predict_n2q(model, hu[:1], return_maps=False).maps is None
+    # Forcing the dose head's bias picks the class.
+    with torch.no_grad():
+        model.dose_head.bias.copy_(torch.tensor([0.0, 0, 0, 50.0, 0]))
+    assert predict_n2q(model, hu[:1], return_maps=False).dose_class == 50
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    model = create_model("n2q_tiny").eval()
+    path = tmp_path / "n2q_tiny.safetensors"
+    save_file(model.state_dict(), str(path))
+    loaded = create_model("n2q_tiny", weights=path).eval()
+    x = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x).quality_map, loaded(x).quality_map)
+    with pytest.raises((ValueError, RuntimeError)):  # shape mismatch
+        create_model("n2q_small", weights=path)
