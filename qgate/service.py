@@ -45,12 +45,30 @@ class Assembler(threading.Thread):
                 log.exception("assembler poll failed")
 
 
+def _start_web(settings: Settings, sessions: sessionmaker[Session]) -> object | None:
+    """The review app on its thread. A port it cannot bind is logged, not fatal: the
+    DICOM gate in front of the PACS keeps running without its review pages."""
+    from qgate.web import start_web
+
+    try:
+        return start_web(settings, sessions)
+    except OSError as exc:
+        log.error(
+            "review app not started: cannot listen on %s:%d: %s",
+            settings.web.host,
+            settings.web.port,
+            exc,
+        )
+        return None
+
+
 @dataclass
 class Service:
     settings: Settings
     engine: Engine | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _scp: object | None = None
+    _web: object | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -74,6 +92,8 @@ class Service:
             t.start()
         recover_spool(s, sessions)
         self._scp = start_scp(s, sessions)
+        if s.web.enabled:
+            self._web = _start_web(s, sessions)
         log.info(
             "qgate serving %s on %s:%d (mode %s, database %s)",
             s.dicom.ae_title,
@@ -84,6 +104,8 @@ class Service:
         )
 
     def stop(self) -> None:
+        if self._web is not None:
+            self._web.stop()  # type: ignore[attr-defined]
         if self._scp is not None:
             self._scp.shutdown()  # type: ignore[attr-defined]
         for t in self._threads:

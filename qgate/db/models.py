@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -178,3 +179,64 @@ class Event(Base):
     stage: Mapped[str] = mapped_column(String(16))
     event: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+# -- review web app (qgate/web) ---------------------------------------------------------------
+#
+# Verdicts are the labels of the nightly retraining. They are append-only (a second verdict on
+# a series is a new row; the newest counts), so a training run can name its data snapshot as
+# "verdicts with id <= N" and a future model-registry table can point at that high-water mark.
+
+
+class User(Base):
+    """A person who logs in to the review app. ``role``: radiologist|admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # argon2id PHC string, e.g. "$argon2id$v=19$m=65536,t=3,p=4$..."
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Verdict(Base):
+    """A radiologist's review of one scored result: agrees with its decision or not, 0-4."""
+
+    __tablename__ = "verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("series.series_instance_uid"), index=True
+    )
+    # The result that was on screen, and its decision at the time (the flag being judged).
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    decision: Mapped[str] = mapped_column(String(8))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    # Image quality on the LDCTIQAC2023 scale: 0 non-diagnostic ... 4 excellent.
+    score: Mapped[int] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+    __table_args__ = (CheckConstraint("score >= 0 AND score <= 4", name="ck_verdicts_score"),)
+
+
+class AuditEntry(Base):
+    """Who did what, when, in the review app; written in the transaction of the action."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    # Kept as text too, so the trail still reads after a user is renamed or removed.
+    username: Mapped[str] = mapped_column(String(64))
+    # login|login_failed|logout|verdict|release|user_add
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))

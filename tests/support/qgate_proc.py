@@ -19,6 +19,8 @@ class QgateProcess:
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.workdir = workdir
+        # The review app would bind 8080 by default; tests that want it ask for it.
+        config = {"web": {"enabled": False}, **config}
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "qgate.log"
