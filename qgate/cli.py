@@ -297,6 +297,57 @@ def jobs_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
 
 
 @main.group()
+def models() -> None:
+    """Model versions: list them, activate one (also a rollback)."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """Registered versions, and what each model kind serves now."""
+    from qgate.registry import active_weights, list_versions
+
+    with _sessions(_settings(ctx))() as session:
+        serving = active_weights(session)
+        rows = [
+            {
+                "model": v.model,
+                "version": v.version,
+                "parent": v.parent,
+                "active": v.active,
+                "sha256": v.sha256,
+                "metrics": v.metrics,
+                "created_at": v.created_at,
+            }
+            for v in list_versions(session)
+        ]
+    if as_json:
+        _echo_json({"serving": {m: a.version for m, a in serving.items()}, "versions": rows})
+        return
+    for m, a in serving.items():
+        click.echo(f"{m:9} serving {a.version}")
+    for r in rows:
+        mark = "*" if r["active"] else " "
+        click.echo(f" {mark} {r['version']:40} parent={r['parent'] or '-'}")
+
+
+@models.command("activate")
+@click.argument("version")
+@click.pass_context
+def models_activate(ctx: click.Context, version: str) -> None:
+    """Serve VERSION from the next scoring job on (use an older version to roll back)."""
+    from qgate.registry import RegistryError, activate
+
+    with _sessions(_settings(ctx))() as session:
+        try:
+            row = activate(session, version)
+        except RegistryError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"{row.model}: now serving {row.version}")
+
+
+@main.group()
 def user() -> None:
     """Users of the review web app."""
 

@@ -240,3 +240,44 @@ class AuditEntry(Base):
     series_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
     remote_addr: Mapped[str | None] = mapped_column(String(64))
+
+
+# -- model registry and retraining (qgate/registry.py, qgate/retrain.py) -----------------------
+
+
+class ModelVersion(Base):
+    """One set of weights for one model kind (mdiqa|n2q|chestiqa); at most one is active."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(32), index=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    parent: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # What it was trained on, e.g. {"verdicts_max_id": 41, "simulated": "..."}.
+    data_snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    activated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class TrainingRun(Base):
+    """One retraining run: its candidate, the comparison and the outcome."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # running|promoted|rejected|failed
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule|cli|web
+    candidate_version: Mapped[str | None] = mapped_column(String(64))
+    current_version: Mapped[str | None] = mapped_column(String(64))
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    artifacts_dir: Mapped[str | None] = mapped_column(Text)
