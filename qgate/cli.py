@@ -347,6 +347,32 @@ def models_activate(ctx: click.Context, version: str) -> None:
     click.echo(f"{row.model}: now serving {row.version}")
 
 
+@main.command()
+@click.option(
+    "--now", is_flag=True, help="run the retraining now (the service runs it on retrain.cron)"
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retrain(ctx: click.Context, now: bool, as_json: bool) -> None:
+    """Retrain MD-IQA on the reviewed series and promote it if it beats the serving model."""
+    if not now:
+        raise click.UsageError(
+            "the nightly run is scheduled by `qgate serve` (retrain.cron); use --now to run it here"
+        )
+    from qgate.retrain import run_retrain
+
+    settings = _settings(ctx)
+    outcome = run_retrain(settings, _sessions(settings), trigger="cli")
+    if as_json:
+        _echo_json(outcome.to_json())
+    else:
+        click.echo(f"run {outcome.run_id}: {outcome.status}: {outcome.reason}")
+        if outcome.candidate_version:
+            click.echo(f"candidate {outcome.candidate_version} (parent {outcome.current_version})")
+    if outcome.status == "failed":
+        sys.exit(1)
+
+
 @main.group()
 def user() -> None:
     """Users of the review web app."""

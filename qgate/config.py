@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -139,9 +139,47 @@ class GateConfig(BaseModel):
     thresholds: list[Threshold] = Field(default_factory=_default_thresholds)
 
 
+class LearnedScorerConfig(BaseModel):
+    """Settings of one learned scorer (``mdiqa``, ``n2q``, ``chestiqa``; qgate.scoring.learned).
+
+    A scorer refuses to start without its weights file: qgate never scores with untrained
+    weights.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # safetensors file; unset: the shipped qgate/weights/<scorer>.safetensors.
+    weights: Path | None = None
+    # Model entry point (e.g. "n2q_tiny") for a weights file that does not name its model
+    # (qgate_model metadata, written by the training exporter); unset: whichever
+    # registered variant of the family the file fits. Must agree with a file that does.
+    variant: str | None = None
+    # bf16 autocast: always on CUDA; on CPU only where it has native bf16 instructions
+    # (AVX512-BF16 / AMX: ~2x faster convolutions there), else fp32. false: fp32 everywhere.
+    amp: bool = True
+
+
+class SliceScorerConfig(LearnedScorerConfig):
+    """A learned scorer that reads one slice at a time (``mdiqa``, ``n2q``)."""
+
+    # Slices per forward pass.
+    batch_size: int = Field(16, ge=1)
+    # Score at most this many slices, evenly spaced, first and last always included (the
+    # same spread as the SC images); the other slices get null per-slice values. 64
+    # slices estimate a series mean closely and keep long series within the CPU budget.
+    # Unset: every slice.
+    max_slices: int | None = Field(64, ge=2)
+
+
 class ScoringConfig(BaseModel):
-    scorers: list[str] = Field(default_factory=lambda: ["noise", "snr"])
+    scorers: list[str] = Field(default_factory=lambda: ["noise", "snr", "mdiqa", "n2q", "chestiqa"])
+    # Where the learned scorers run: "auto" takes CUDA when available.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch CPU threads for the learned scorers; unset: torch's default (one per core).
+    torch_threads: int | None = Field(None, ge=1)
+    mdiqa: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
+    n2q: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
+    chestiqa: LearnedScorerConfig = Field(default_factory=LearnedScorerConfig)
 
 
 class WebConfig(BaseModel):
@@ -163,6 +201,53 @@ class WebConfig(BaseModel):
     page_size: int = Field(25, ge=5, le=200)
 
 
+class RetrainConfig(BaseModel):
+    """The nightly retraining (``qgate.retrain``): when it runs and how a candidate wins.
+
+    Units: ``margin`` is in the units of the comparison metric (Overall = |PLCC| + |SROCC|
+    + |KROCC|, 0-3, higher is better; MAE in MD-IQA score units 0-4 when the held-out set
+    is too small for correlations), and the candidate must beat the current model by more.
+    """
+
+    enabled: bool = True
+    # 5-field crontab (minute hour day month weekday), local time of the service.
+    cron: str = "0 2 * * *"
+    margin: float = Field(0.02, ge=0)
+    # Share of the reviewed patients (series without a patient ID count as their own
+    # patient) held out for the comparison; chosen by hash, so stable from run to run.
+    held_out_fraction: float = Field(0.25, gt=0, lt=1)
+    # Fewer reviewed series than this: no candidate, the run is rejected with the reason.
+    min_reviewed: int = Field(4, ge=2)
+    # Held-out items below this (or constant labels): compare by MAE, not correlations.
+    min_correlation_items: int = Field(8, ge=3)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    # Slices per series used for training and evaluation (evenly spaced).
+    slices_per_series: int = Field(8, ge=2)
+    # Unreviewed series scored in the last N days join as unlabelled data (0: none).
+    recent_unreviewed_days: float = Field(7.0, ge=0)
+    max_unreviewed_series: int = Field(50, ge=0)
+    pseudo_label_weight: float = Field(0.5, ge=0)
+    # An MD-IQA folder from `qgate-train data build --task mdiqa` (the physics simulator):
+    # its train split joins the training set and its test split the held-out set.
+    simulated_dir: Path | None = None
+    # Refit Chest CT-IQA's linear quality module on the reviewed scores (mapped to 1-10).
+    refit_chestiqa: bool = True
+    seed: int = 0
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"retrain.cron {value!r} is not a 5-field crontab: {exc}") from exc
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QGATE_", env_nested_delimiter="__", extra="forbid"
@@ -180,6 +265,7 @@ class Settings(BaseSettings):
     gate: GateConfig = Field(default_factory=GateConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -15,7 +15,11 @@ from typing import Any
 from qgate.config import Settings, Threshold
 from qgate.decide import Decision, decide
 from qgate.scoring import ScoreOutput, Scorer, create_scorer
+from qgate.scoring.learned import set_torch_threads
 from qgate.volume import LoadedSeries, load_series
+
+#: The learned scorers (qgate.scoring.learned), configured by ``scoring.<name>``.
+LEARNED_SCORERS = ("mdiqa", "n2q", "chestiqa")
 
 
 @dataclass
@@ -32,8 +36,20 @@ class ScoredSeries:
 
 
 def build_scorers(settings: Settings) -> list[Scorer]:
-    """Instantiate the configured scorers once; they may hold models."""
-    return [create_scorer(name) for name in settings.scoring.scorers]
+    """Instantiate the configured scorers once; they may hold models.
+
+    The learned scorers get their ``scoring.<name>`` settings and ``scoring.device``, and
+    ``scoring.torch_threads`` is applied before they load.
+    """
+    cfg = settings.scoring
+    if any(name in LEARNED_SCORERS for name in cfg.scorers):
+        set_torch_threads(cfg.torch_threads)
+    return [
+        create_scorer(name, config=getattr(cfg, name), device=cfg.device)
+        if name in LEARNED_SCORERS
+        else create_scorer(name)
+        for name in cfg.scorers
+    ]
 
 
 def _finite(v: Any) -> Any:
@@ -44,15 +60,21 @@ def _finite(v: Any) -> Any:
 def scores_json(
     outputs: dict[str, ScoreOutput], versions: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """The ``scores`` object of a result: series outputs flat, per-slice lists under ``slices``."""
-    return {
-        name: {
+    """The ``scores`` object of a result: series outputs flat, per-slice lists under ``slices``.
+
+    A per-slice output named ``slice_*`` (MD-IQA's ``slice_scores``) is also listed at the
+    top level, where the results JSON names it (``scores.mdiqa.slice_scores``).
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for name, out in outputs.items():
+        slices = {k: [_finite(float(x)) for x in vals] for k, vals in out.slices.items()}
+        result[name] = {
             **{k: _finite(v) for k, v in out.series.items()},
-            "slices": {k: [_finite(float(x)) for x in vals] for k, vals in out.slices.items()},
+            **{k: v for k, v in slices.items() if k.startswith("slice_") and k not in out.series},
+            "slices": slices,
             "version": versions[name],
         }
-        for name, out in outputs.items()
-    }
+    return result
 
 
 def score_series(

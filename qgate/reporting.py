@@ -1,4 +1,8 @@
-"""Write a scored series' report objects (SR and quality-map SC series) to disk.
+"""Write a scored series' report objects (SR, quality-map SC series, Parametric Map) to disk.
+
+The SC images overlay the Noise2Quality map (``n2q.quality``) when that scorer ran, else
+the first map; a subsampled map gets one image per mapped slice. The Parametric Map is
+written when the Noise2Quality map is present.
 
 Files go to a per-job folder under ``storage.root/outgoing`` and are written atomically,
 before the transaction that queues them for the archive; so a queued send never points at
@@ -9,24 +13,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import RLELossless, generate_uid
 
 from qgate import __version__
 from qgate.pipeline import ScoredSeries
-from qgate.report import QualityReport, build_quality_map_sc, build_quality_sr
+from qgate.report import (
+    QualityReport,
+    build_quality_map_pm,
+    build_quality_map_sc,
+    build_quality_sr,
+)
+from qgate.report.sc import select_slices
 from qgate.spool import write_atomic
 
 # Fixed series numbers make qgate's objects easy to spot in a PACS viewer.
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+PM_SERIES_NUMBER = 9903
+#: The map shown on the SC images and stored in the Parametric Map, when present.
+QUALITY_MAP = "n2q.quality"
 
 
 def _encode(ds: Dataset) -> bytes:
     buf = DicomBytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _sc_map(report: QualityReport) -> tuple[str | None, int | None]:
+    """(map to overlay, max_images): the N2Q map if present, and only its mapped slices."""
+    keys = [m.key for m in report.maps()]
+    name = QUALITY_MAP if QUALITY_MAP in keys else None
+    selected = report.select_map(name)
+    if selected is None:
+        return None, None
+    values = selected.map.values
+    mapped = np.isfinite(values.reshape(len(values), -1)).any(axis=1)
+    k = int(mapped.sum())
+    # A subsampled scorer maps the select_slices() spread: render exactly those slices.
+    if 0 < k < len(values) and np.flatnonzero(mapped).tolist() == select_slices(len(values), k):
+        return selected.key, k
+    return selected.key, None
 
 
 def write_report(
@@ -37,7 +67,7 @@ def write_report(
     generation: int,
     fsync: bool,
 ) -> tuple[list[Path], str]:
-    """Build and write the SR and SC objects; returns (paths, SR first) and the SR's UID."""
+    """Build and write the SR, SC and PM objects; returns (paths, SR first) and the SR's UID."""
     report = QualityReport(
         source_datasets=scored.loaded.headers,
         volume=scored.loaded.volume,
@@ -55,20 +85,37 @@ def write_report(
         manufacturer="qgate",
         software_version=__version__,
     )
+    map_name, max_images = _sc_map(report)
     # RLE keeps the RGB maps ~3x smaller at no extra CPU; every PACS decodes it.
     images = build_quality_map_sc(
         report,
         series_instance_uid=generate_uid(),
         series_number=SC_SERIES_NUMBER,
+        map_name=map_name,
+        max_images=max_images,
         manufacturer="qgate",
         software_version=__version__,
         transfer_syntax_uid=RLELossless,
     )
+    pm = None
+    if map_name == QUALITY_MAP:
+        pm = build_quality_map_pm(
+            report,
+            series_instance_uid=generate_uid(),
+            series_number=PM_SERIES_NUMBER,
+            map_name=QUALITY_MAP,
+            manufacturer="qgate",
+            software_version=__version__,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "sr.dcm"]
     write_atomic(paths[0], _encode(sr), fsync=fsync)
     for k, img in enumerate(images):
         p = out_dir / f"sc{k:05d}.dcm"
         write_atomic(p, _encode(img), fsync=fsync)
+        paths.append(p)
+    if pm is not None:
+        p = out_dir / "pm.dcm"
+        write_atomic(p, _encode(pm), fsync=fsync)
         paths.append(p)
     return paths, str(sr.SOPInstanceUID)

@@ -62,6 +62,29 @@ def _start_web(settings: Settings, sessions: sessionmaker[Session]) -> object | 
         return None
 
 
+def _start_scheduler(settings: Settings, sessions: sessionmaker[Session]) -> object:
+    """The nightly retraining on ``retrain.cron`` (APScheduler, one run at a time)."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    from qgate.retrain import run_retrain
+
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(
+        run_retrain,
+        CronTrigger.from_crontab(settings.retrain.cron),
+        args=(settings, sessions),
+        kwargs={"trigger": "schedule"},
+        id="retrain",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=3600,
+    )
+    scheduler.start()
+    log.info("retraining scheduled on %r", settings.retrain.cron)
+    return scheduler
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -69,6 +92,7 @@ class Service:
     _threads: list[threading.Thread] = field(default_factory=list)
     _scp: object | None = None
     _web: object | None = None
+    _scheduler: object | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -94,6 +118,8 @@ class Service:
         self._scp = start_scp(s, sessions)
         if s.web.enabled:
             self._web = _start_web(s, sessions)
+        if s.retrain.enabled:
+            self._scheduler = _start_scheduler(s, sessions)
         log.info(
             "qgate serving %s on %s:%d (mode %s, database %s)",
             s.dicom.ae_title,
@@ -104,6 +130,9 @@ class Service:
         )
 
     def stop(self) -> None:
+        if self._scheduler is not None:
+            # A run in progress is not waited for; its TrainingRun row stays "running".
+            self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         if self._web is not None:
             self._web.stop()  # type: ignore[attr-defined]
         if self._scp is not None:

@@ -25,7 +25,7 @@ from qgate.config import Settings
 from qgate.db.models import Instance, Job, Result, Series
 from qgate.dispatch.outbox import Destination, enqueue
 from qgate.events import record
-from qgate.pipeline import ScoredSeries, build_scorers, score_series
+from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_series
 from qgate.queue import claim, fail, finish, renew
 from qgate.reporting import write_report
 from qgate.scoring import Scorer
@@ -284,8 +284,52 @@ class Worker(threading.Thread):
     ) -> None:
         super().__init__(name=f"worker-{owner}", daemon=True)
         self.settings, self.sessions, self.owner = settings, sessions, owner
-        self.scorers = list(scorers) if scorers is not None else build_scorers(settings)
+        # Scorers handed in are used as they are; built here, they follow the registry.
+        self._hot_reload = scorers is None
+        #: The registry version each configured learned scorer serves (hot reload).
+        self.serving: dict[str, str] = {}
+        if scorers is not None:
+            self.scorers = list(scorers)
+        else:
+            self.scorers = []
+            self.reload_if_changed()
         self._stop_event = threading.Event()
+
+    def reload_if_changed(self) -> bool:
+        """Rebuild the scorers if the registry's active versions changed; between jobs only.
+
+        A promotion or rollback (:func:`qgate.registry.activate`) is served from the next
+        job on; the job in progress finishes with the scorers it started with.
+        """
+        if not self._hot_reload:
+            return False
+        from qgate.retrain import serving_weights
+
+        learned = [m for m in self.settings.scoring.scorers if m in LEARNED_SCORERS]
+        with self.sessions() as session:
+            serving = serving_weights(self.settings, session)
+        wanted = {m: serving[m].version for m in learned}
+        if self.scorers and wanted == self.serving:
+            return False
+        scoring = self.settings.scoring.model_copy(deep=True)
+        for m in learned:
+            if not serving[m].version.endswith(("-shipped", "-configured")):
+                getattr(scoring, m).weights = serving[m].path
+        self.scorers = build_scorers(self.settings.model_copy(update={"scoring": scoring}))
+        if self.serving:
+            log.info("%s: reloaded scorers, now serving %s", self.owner, wanted)
+        elif wanted:
+            log.info("%s: serving %s", self.owner, wanted)
+        self.serving = wanted
+        return True
+
+    def step(self) -> str | None:
+        """Pick up a new model version if one was activated, then run one job."""
+        try:
+            self.reload_if_changed()
+        except Exception:
+            log.exception("%s: model reload failed; keeping %s", self.owner, self.serving)
+        return work_once(self.settings, self.sessions, self.scorers, owner=self.owner)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -293,7 +337,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                did = work_once(self.settings, self.sessions, self.scorers, owner=self.owner)
+                did = self.step()
             except Exception:
                 log.exception("worker loop error")
                 did = None

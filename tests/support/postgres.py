@@ -38,15 +38,39 @@ def postgres_server(port: int) -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(workdir, "postgres", "postgres")
     subprocess.run(
-        _as_pg_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                     "--auth=trust", "-E", "UTF8", "--no-sync"]),
-        check=True, capture_output=True,
+        _as_pg_user(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     opts = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off -c synchronous_commit=off"
     subprocess.run(
-        _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-w",
-                     "-l", str(workdir / "log"), "start"]),
-        check=True, capture_output=True,
+        _as_pg_user(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                opts,
+                "-w",
+                "-l",
+                str(workdir / "log"),
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     try:
         base = f"postgresql+psycopg://postgres@127.0.0.1:{port}"

@@ -1,0 +1,176 @@
+"""Nightly retraining on tiny data: labels in, candidate trained and compared, promoted or
+rejected, rolled back, and picked up by the worker between jobs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from qgate.assemble import queue_complete_series
+from qgate.cli import main
+from qgate.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
+from qgate.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
+from qgate.registry import activate, active_weights, sha256_file
+from qgate.retrain import decide, run_retrain, split_groups
+from qgate.web import create_app
+from qgate.worker import Worker
+from tests.support.web import add_user, login, scored_series, spool_series
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """SQLite only: the retraining's SQL is the registry's and the verdicts', tested on both."""
+    return f"sqlite:///{tmp_path / 'qgate.db'}"
+
+
+def _settings(settings: Settings, *, margin: float, scorers: list[str]) -> Settings:
+    return settings.model_copy(
+        update={
+            "scoring": ScoringConfig(
+                scorers=scorers, device="cpu", mdiqa=SliceScorerConfig(max_slices=3)
+            ),
+            "retrain": RetrainConfig(
+                margin=margin,
+                min_reviewed=2,
+                held_out_fraction=0.34,
+                slices_per_series=3,
+                epochs=4,
+                batch_size=9,
+                learning_rate=2e-3,
+                refit_chestiqa=False,
+            ),
+        }
+    )
+
+
+def _reviewed(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    """Four reviewed series (one patient each) scored by physics: less noise, higher score,
+    and one recent unreviewed series for the pseudo-labels."""
+    add_user(sessions, "rad", "radiologist")
+    cheap = settings.model_copy(update={"scoring": ScoringConfig(scorers=["noise"])})
+    for k, (noise, score) in enumerate([(3.0, 4), (10.0, 4), (20.0, 3), (35.0, 3)]):
+        uid = scored_series(cheap, sessions, n=4, noise_hu=noise, seed=k, patient_id=f"P{k}")
+        with sessions.begin() as s:
+            result = s.scalar(select(Result).where(Result.series_instance_uid == uid))
+            user = s.scalar(select(User))
+            assert result is not None and user is not None
+            for v in (0, score):  # the newest verdict is the label
+                s.add(
+                    Verdict(
+                        series_instance_uid=uid,
+                        result_id=result.id,
+                        decision=result.decision,
+                        user_id=user.id,
+                        agrees=True,
+                        score=v,
+                    )
+                )
+    scored_series(cheap, sessions, n=4, noise_hu=15.0, seed=9, patient_id="U1")
+
+
+def _score_one(
+    worker: Worker, settings: Settings, sessions: sessionmaker[Session], seed: int
+) -> str:
+    uid = spool_series(settings, sessions, n=4, seed=seed, patient_id=f"W{seed}")
+    queue_complete_series(sessions, settings.series, now=utcnow() + dt.timedelta(days=1))
+    assert worker.step() == "scored"
+    with sessions() as s:
+        versions = s.scalar(select(Result.scorer_versions).where(Result.series_instance_uid == uid))
+    assert versions is not None
+    return str(versions["mdiqa"])
+
+
+def test_promote_hot_reload_and_rollback(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    settings = _settings(settings, margin=0.0, scorers=["mdiqa"])
+    _reviewed(settings, sessions)
+    worker = Worker(settings, sessions, owner="test/retrain")
+    assert worker.serving == {"mdiqa": "mdiqa-shipped"}
+    shipped_tag = _score_one(worker, settings, sessions, seed=20)
+
+    outcome = run_retrain(settings, sessions, trigger="cli")
+    out = json.loads(json.dumps(outcome.to_json(), allow_nan=False))
+    assert out["promoted"] is True, out
+    assert out["current"]["n"] == out["candidate"]["n"] == 2
+    assert out["candidate"]["mae"] < out["current"]["mae"]
+    assert out["data"]["train_series"] == 2 and out["data"]["unlabelled_series"] == 2  # U1, W20
+    with sessions() as s:
+        run = s.get(TrainingRun, out["run_id"])
+        assert run is not None and run.status == "promoted" and run.promoted
+        assert run.metrics["candidate"]["mae"] == out["candidate"]["mae"]
+        serving = active_weights(s)["mdiqa"]
+        assert serving.version == out["candidate_version"]
+        assert serving.path.parent == settings.storage.root / "models" / f"run-{run.id}"
+        parent = s.scalar(select(ModelVersion).where(ModelVersion.version == run.current_version))
+        assert parent is not None and not parent.active  # the shipped weights, registered
+
+    # The worker serves the new version from the next job on.
+    new_tag = _score_one(worker, settings, sessions, seed=21)
+    assert worker.serving == {"mdiqa": out["candidate_version"]}
+    assert new_tag == f"1.0.0+{sha256_file(serving.path)[:12]}" != shipped_tag
+
+    # Rollback: activate the parent; the worker follows between jobs.
+    with sessions() as s:
+        activate(s, out["current_version"])
+    assert _score_one(worker, settings, sessions, seed=22) == shipped_tag
+    assert worker.serving == {"mdiqa": out["current_version"]}
+
+
+def test_rejected_below_margin_and_not_enough_data(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = _settings(settings, margin=100.0, scorers=["noise"])
+    settings.retrain.epochs = 1
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"database": {"url": settings.database.url}, "storage": {"root": str(tmp_path)}}
+        )
+    )
+    cli = CliRunner().invoke(main, ["--config", str(cfg), "retrain", "--now", "--json"])
+    assert cli.exit_code == 0, cli.output
+    first = json.loads(cli.stdout)
+    assert (first["promoted"], first["candidate_version"]) == (False, None)
+    assert "0 reviewed series" in first["reason"]
+    assert set(first) >= {"promoted", "candidate", "current", "reason", "run_id"}
+
+    _reviewed(settings, sessions)
+    outcome = run_retrain(settings, sessions, trigger="schedule")
+    assert (outcome.status, outcome.promoted) == ("rejected", False)
+    assert "not better by more than the margin 100" in outcome.reason
+    with sessions() as s:
+        cand = s.scalar(
+            select(ModelVersion).where(ModelVersion.version == outcome.candidate_version)
+        )
+        assert cand is not None and not cand.active
+        assert active_weights(s)["mdiqa"].version == "mdiqa-shipped"
+        runs = s.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
+        assert [r.status for r in runs] == ["rejected", "rejected"]
+
+    add_user(sessions, "boss", "admin")
+    with TestClient(create_app(settings, sessions)) as client:
+        login(client, "boss")
+        page = client.get("/training").text
+    assert outcome.candidate_version in page and "margin 100" in page
+    assert page.count("<b>rejected</b>") == 2
+
+
+def test_hold_out_and_decision_rules() -> None:
+    groups = [f"P{i}" for i in range(10)]
+    held = split_groups(groups, 0.25, seed=0)
+    assert len(held) == 3 and held == split_groups(list(reversed(groups)), 0.25, seed=0)
+    assert split_groups(["P0"], 0.5, seed=0) == set()
+    assert len(split_groups(["P0", "P1"], 0.9, seed=0)) == 1
+    assert decide({"n": 3, "mae": 0.5}, {"n": 3, "mae": 0.8}, 0.1)[:2] == (True, "mae")
+    assert decide({"n": 3, "mae": 0.75}, {"n": 3, "mae": 0.8}, 0.1)[0] is False
+    both = {"n": 9, "mae": 1.0}
+    assert decide({**both, "overall": 2.5}, {**both, "overall": 2.0}, 0.2)[:2] == (True, "overall")
