@@ -124,7 +124,7 @@ def test_score_json_one_strict_object_per_series_offline(tmp_path: Path) -> None
     for r in results:
         assert set(r) >= RESULT_KEYS
         assert r["status"] == "scored"
-        assert set(r["scores"]) == {"noise", "snr"}
+        assert set(r["scores"]) == {"noise", "snr", "mdiqa", "n2q", "chestiqa"}  # the defaults
         assert all(isinstance(s["version"], str) for s in r["scores"].values())
     assert not (tmp_path / "missing").exists()
 

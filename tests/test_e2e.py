@@ -60,14 +60,25 @@ def _results_delivered(q: QgateProcess, series_uid: str) -> dict[str, Any] | Non
     return res if sends and all(o["state"] == "sent" for o in sends) else None
 
 
+SOP_CLASS_KIND = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.7": "SC",
+    "1.2.840.10008.5.1.4.1.1.30": "PM",
+}
+
+
 def _study_series(archive: Orthanc, study_uid: str) -> dict[str, list[str]]:
-    """Orthanc series in the study: modality -> list of instance ids."""
+    """Orthanc instances in the study by kind (CT, SR, SC, PM) -> list of instance ids."""
     found = archive.post(
-        "/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+        "/tools/find",
+        {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
     )
     out: dict[str, list[str]] = {}
     for s in found:
-        out.setdefault(s["MainDicomTags"].get("Modality", "?"), []).extend(s["Instances"])
+        sop_class = archive.get_bytes(f"/instances/{s['Instances'][0]}/metadata/SopClassUid")
+        kind = SOP_CLASS_KIND.get(sop_class.decode().strip(), sop_class.decode())
+        out.setdefault(kind, []).extend(s["Instances"])
     return out
 
 
@@ -100,12 +111,19 @@ def test_series_is_scored_and_reports_reach_the_archive(
     assert len(res["scores"]["noise"]["slices"]["noise_sigma_hu"]) == n
     assert res["scores"]["snr"]["snr"] > 0
 
-    by_modality = _study_series(archive, study_uid)
-    assert set(by_modality) >= {"SR", "OT"} or set(by_modality) >= {"SR", "CT"}
-    sr_ids = by_modality["SR"]
-    assert len(sr_ids) == 1
-    sc_ids = [i for m, ids in by_modality.items() if m not in ("SR", "CT") for i in ids]
+    by_kind = _study_series(archive, study_uid)
+    assert set(by_kind) == {"SR", "SC", "PM"}  # observe mode: results only, no CT
+    sr_ids, sc_ids, pm_ids = by_kind["SR"], by_kind["SC"], by_kind["PM"]
+    assert len(sr_ids) == 1 and len(pm_ids) == 1
     assert len(sc_ids) == n
+    assert 0.0 <= res["scores"]["mdiqa"]["score"] <= 4.0
+    assert len(res["scores"]["mdiqa"]["slice_scores"]) == n
+    assert {"mean_quality", "dose_class"} <= set(res["scores"]["n2q"])
+    assert {"window_class", "dose_class", "snr", "brisque", "score"} <= set(
+        res["scores"]["chestiqa"]
+    )
+    pm_bytes = archive.get_bytes(f"/instances/{pm_ids[0]}/file")
+    assert dciodvfy_errors(pm_bytes, tmp_path, "pm.dcm") == []
 
     sr_bytes = archive.get_bytes(f"/instances/{sr_ids[0]}/file")
     assert dciodvfy_errors(sr_bytes, tmp_path, "sr.dcm") == []
@@ -155,5 +173,20 @@ def test_restart_mid_series_loses_nothing(tmp_path: Path, db_url: str, archive: 
         q.stop()
     assert res["instances"] == n
     assert len(res["scores"]["noise"]["slices"]["noise_sigma_hu"]) == n
-    # Every generation's SR reached the archive; the last one covers all n slices.
-    assert len(_study_series(archive, datasets[0].StudyInstanceUID)["SR"]) == res["generation"] + 1
+    # A generation superseded before it was scored sends nothing; the newest SR in the
+    # archive references every instance, those acknowledged before the crash included.
+    sr_ids = _study_series(archive, datasets[0].StudyInstanceUID)["SR"]
+    assert 1 <= len(sr_ids) <= res["generation"] + 1
+    covered = []
+    for k, iid in enumerate(sr_ids):
+        (tmp_path / f"sr{k}.dcm").write_bytes(archive.get_bytes(f"/instances/{iid}/file"))
+        sr = pydicom.dcmread(tmp_path / f"sr{k}.dcm")
+        covered.append(
+            {
+                i.ReferencedSOPInstanceUID
+                for st in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence
+                for i in se.ReferencedSOPSequence
+            }
+        )
+    assert {d.SOPInstanceUID for d in datasets} in covered

@@ -151,7 +151,9 @@ def report_objects(result: Result) -> dict[str, set[str]]:
         ds = dcmread(p, stop_before_pixels=True)
         out.setdefault(ds.SeriesInstanceUID, set()).add(ds.SOPInstanceUID)
         modalities.add(ds.Modality)
-    assert "SR" in modalities and len(out) == 2  # the SR series and the quality-map series
+    # The SR series, the quality-map SC series and, with the n2q scorer, the parametric map.
+    has_pm = (Path(result.sr_path).parent / "pm.dcm").exists()
+    assert "SR" in modalities and len(out) == 2 + has_pm
     assert {len(v) for v in out.values()} == {1, result.slices_scored}
     return out
 
