@@ -70,8 +70,12 @@ class DatabaseConfig(BaseModel):
 
 class StorageConfig(BaseModel):
     root: Path = Path("./var")
-    # fsync the instance file and its folder before answering Success (power-loss safety).
+    # fsync each instance under its final name before answering Success (power-loss
+    # safety): one flush, which on ext4/XFS/btrfs also commits the rename (qgate/spool.py).
     fsync: bool = True
+    # Also fsync the folder after each rename: POSIX-strict, a second flush per instance,
+    # for file systems that do not journal a rename with the file (e.g. some NFS setups).
+    fsync_directory: bool = False
 
 
 class QueueConfig(BaseModel):

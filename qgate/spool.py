@@ -6,8 +6,17 @@ digits and dots only and cannot escape the root.
 
 A file is first written to a hidden temporary file in its final folder and then renamed
 over its final name (``os.replace`` is atomic within a file system), so a reader never sees
-a partial instance. With ``fsync`` the file is flushed before the rename and the folder
-after it, so an acknowledged instance survives a power loss.
+a partial instance.
+
+Durability (``fsync``): the file is renamed first and then fsynced under its final name.
+On a journaling file system (ext4, XFS, btrfs) the rename changed the file's inode, so
+that one fsync commits the data *and* the new name in one journal transaction: one disk
+flush per instance, which is what a receiver pays per C-STORE (Orthanc pays one
+``fdatasync`` per instance too). ``fsync_directory`` adds the POSIX-strict fsync of the
+folder after the rename, a second flush, for file systems without that guarantee (some
+network file systems). A crash between rename and fsync can leave a partial file under
+its final name; it was never acknowledged and has no row, and start-up recovery
+(:mod:`qgate.receive.recover`) moves files it cannot read out of the spool.
 """
 
 from __future__ import annotations
@@ -74,7 +83,8 @@ def write_temp(path: Path, data: bytes, *, fsync: bool) -> Path:
     """Write ``data`` to a new temporary file beside ``path`` and return its path.
 
     The temporary file is hidden (``.NAME.XXXX.tmp``) and lives in ``path``'s folder so that
-    :func:`publish` is a same-folder rename. With ``fsync`` its content is flushed to disk.
+    :func:`publish` is a same-folder rename; :func:`publish` flushes it. ``fsync`` makes
+    a folder created here durable.
     """
     ensure_dir(path.parent, fsync=fsync)
     # Unique per writer thread (two associations may carry the same instance at once);
@@ -86,8 +96,6 @@ def write_temp(path: Path, data: bytes, *, fsync: bool) -> Path:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
@@ -96,11 +104,27 @@ def write_temp(path: Path, data: bytes, *, fsync: bool) -> Path:
     return tmp
 
 
-def publish(tmp: Path, path: Path, *, fsync: bool) -> None:
-    """Atomically rename ``tmp`` to ``path``; with ``fsync``, flush the folder entry."""
+def fsync_file(path: Path) -> None:
+    """Flush a file's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path, *, fsync: bool, fsync_directory: bool = False) -> None:
+    """Atomically rename ``tmp`` to ``path``; with ``fsync``, make both durable.
+
+    The fsync comes after the rename, so that a journaling file system commits the data
+    and the name in one flush (see the module docstring); ``fsync_directory`` also
+    flushes the folder, for file systems that need it.
+    """
     os.replace(tmp, path)
     if fsync:
-        fsync_dir(path.parent)
+        fsync_file(path)
+        if fsync_directory:
+            fsync_dir(path.parent)
 
 
 def discard(tmp: Path) -> None:
@@ -109,8 +133,10 @@ def discard(tmp: Path) -> None:
         tmp.unlink()
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, optional fsync, rename.
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes, *, fsync: bool, fsync_directory: bool = False
+) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, rename, optional fsync.
 
     Parameters
     ----------
@@ -119,12 +145,14 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool) -> N
     data : bytes
         The complete file content.
     fsync : bool
-        Flush the file before the rename and its folder after it.
+        Flush the file (and its new name) after the rename.
+    fsync_directory : bool
+        Also flush the folder (POSIX-strict; see the module docstring).
     """
     path = Path(path)
     tmp = write_temp(path, data, fsync=fsync)
     try:
-        publish(tmp, path, fsync=fsync)
+        publish(tmp, path, fsync=fsync, fsync_directory=fsync_directory)
     except BaseException:
         discard(tmp)
         raise

@@ -575,3 +575,27 @@ def test_spool_file_without_a_row_is_recovered_at_startup(settings, sessions) ->
     assert not stale_tmp.exists()
     row = _row(sessions, ds[0].SeriesInstanceUID)
     assert row.instance_count == 2 and row.status == "receiving"
+
+
+def test_partial_spool_file_without_a_row_is_quarantined(settings, sessions) -> None:  # type: ignore[no-untyped-def]
+    """A crash between the rename and the fsync can leave a short file under its final
+    name. It was never acknowledged: recovery moves it out of the spool, keeps it under
+    ``quarantine/`` and records nothing, so the sender's retry stores it cleanly."""
+    import io
+
+    from qgate.receive.recover import QUARANTINE, recover_spool
+    from qgate.spool import spool_path, write_atomic
+    from qgate.synth import make_ct_series
+
+    (d,) = make_ct_series(1, 64, 64, seed=10)
+    buf = io.BytesIO()
+    d.save_as(buf, enforce_file_format=True)
+    path = spool_path(settings.spool_dir, d.SeriesInstanceUID, d.SOPInstanceUID)
+    write_atomic(path, buf.getvalue()[:-3000], fsync=False)  # pixel data cut short
+
+    assert recover_spool(settings, sessions) == 0
+    assert not path.exists()
+    kept = settings.storage.root / QUARANTINE / path.parent.name / path.name
+    assert kept.read_bytes() == buf.getvalue()[:-3000]
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0

@@ -15,9 +15,10 @@ sender's thread: one header-only parse, one file write, one SQL transaction.
 
     Returns one of:
 
-    * ``0x0000`` Success: the file is in the spool (atomic rename, fsync if
-      ``storage.fsync``) and the transaction that inserted its ``instances`` row, upserted
-      its ``series`` row and appended its ``events`` row has committed. Also returned for a
+    * ``0x0000`` Success: the file is in the spool (atomic rename, then fsync if
+      ``storage.fsync``; see :mod:`qgate.spool`) and the transaction that inserted its
+      ``instances`` row, upserted its ``series`` row and appended its ``events`` row has
+      committed. Also returned for a
       duplicate SOP Instance UID: the first copy is kept, no row is added, and a
       ``duplicate`` event is written.
     * ``0xA900`` Data Set does not match SOP Class: an invalid or mismatched UID, no Pixel
@@ -479,6 +480,7 @@ def record_instance(
     new_for_association: bool,
     fsync: bool,
     now: dt.datetime,
+    fsync_directory: bool = False,
 ) -> StoreOutcome:
     """Record one instance in one transaction and move its file into place.
 
@@ -551,7 +553,7 @@ def record_instance(
                     events.append(_event(uid, EV_REOPENED, f"generation={generation}", now))
             if events:
                 session.execute(sql.insert_events, events)
-            publish(tmp, path, fsync=fsync)
+            publish(tmp, path, fsync=fsync, fsync_directory=fsync_directory)
     except _Duplicate:
         with session.begin():
             session.execute(
@@ -636,6 +638,7 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
                 size=len(data),
                 new_for_association=new_for_assoc,
                 fsync=fsync,
+                fsync_directory=ctx.settings.storage.fsync_directory,
                 now=utcnow(),
             )
     except (SQLAlchemyError, OSError) as exc:

@@ -1,11 +1,13 @@
 """Start-up reconciliation of the spool with the SQL store.
 
-An instance is acknowledged only after its file is fsynced and renamed into the spool
+An instance is acknowledged only after its file is renamed into the spool and fsynced
 and its row is committed. With SQLite in ``synchronous=NORMAL`` a power loss can still
 drop the last commits, so the fsynced file is the source of truth: at start-up, spool
 files newer than the newest recorded instance (minus a margin) that have no row are
 recorded again, and temporary files left by an interrupted write are removed (they were
-never acknowledged).
+never acknowledged). A file without a row that does not read as a complete CT instance
+(a crash between the rename and the fsync; never acknowledged either) is moved to
+``<storage.root>/quarantine/`` rather than deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from qgate.receive.handlers import (
 from qgate.spool import TMP_SUFFIX, discard
 
 log = logging.getLogger(__name__)
+
+#: Folder under ``storage.root`` for spool files that cannot be recovered.
+QUARANTINE = "quarantine"
 
 #: Files this much older than the newest recorded instance are assumed recorded.
 MARGIN = dt.timedelta(minutes=10)
@@ -77,7 +82,10 @@ def _record_orphan(settings: Settings, sessions: sessionmaker[Session], path: Pa
             limits=settings.dicom,
         )
     except (Undecodable, Rejected, AttributeError) as exc:
-        log.warning("spool file %s cannot be recovered: %s", path.name, exc)
+        target = settings.storage.root / QUARANTINE / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.warning("spool file %s cannot be recovered (%s): moved to %s", path.name, exc, target)
         return False
     with sessions() as session:
         outcome = record_instance(

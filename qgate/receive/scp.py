@@ -18,6 +18,8 @@ What qgate accepts at association negotiation:
 
 ``maximum_pdu_size = 0`` lets the peer send PDUs of any size, and the handler writes
 ``event.encoded_dataset()`` as-is (the fast path; see :mod:`qgate.receive.handlers`).
+Accepted associations run :mod:`qgate.receive.reactor`'s acceptor loop, which wakes on
+each complete request instead of polling every millisecond.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from qgate.receive.handlers import (
     handle_release,
     handle_store,
 )
+from qgate.receive.reactor import start_server
 from qgate.spool import ensure_dir
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -85,24 +88,9 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-#: Seconds pynetdicom's DUL thread sleeps when a poll found nothing (its default: 1 ms).
-#: A modality waits for each C-STORE response before it sends the next instance, so this
-#: idle poll sits on every instance's critical path; 0.2 ms is worth ~0.5 ms per instance
-#: and costs a little CPU only while an association is open.
-DUL_POLL_SECONDS = 0.0002
-
-
-def _tune_association(event: evt.Event) -> None:
-    """``evt.EVT_ESTABLISHED``: shorten the DUL idle poll of an accepted association."""
-    dul = event.assoc.dul
-    if hasattr(dul, "_run_loop_delay"):  # a private knob; skip quietly if it goes away
-        dul._run_loop_delay = DUL_POLL_SECONDS
-
-
 def event_handlers(ctx: ReceiveContext) -> list[evt.EventHandlerType]:
     """Handlers with ``ctx`` bound as their extra argument."""
     return [
-        (evt.EVT_ESTABLISHED, _tune_association),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_RELEASED, handle_release, [ctx]),
@@ -138,10 +126,4 @@ def start_scp(
     ensure_dir(settings.spool_dir, fsync=settings.storage.fsync)
     ctx = ReceiveContext(settings=settings, sessions=sessions, logger=logger or LOGGER)
     ae = build_ae(settings)
-    server = ae.start_server(
-        (settings.dicom.host, settings.dicom.port),
-        block=False,
-        evt_handlers=event_handlers(ctx),
-    )
-    assert server is not None
-    return server
+    return start_server(ae, (settings.dicom.host, settings.dicom.port), event_handlers(ctx))

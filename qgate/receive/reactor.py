@@ -1,0 +1,201 @@
+"""A lower-latency acceptor loop for pynetdicom associations.
+
+A modality waits for each C-STORE response before it sends the next instance, so every
+wait between "the last PDU of a request arrived" and "the response left" is paid once per
+instance. pynetdicom 3.0 has two such waits that are polls, not wake-ups:
+
+* the association's reactor sleeps a fixed 1 ms before it looks for a decoded DIMSE
+  message (``Association._run_reactor``; not configurable), which costs 0.5-1 ms per
+  instance on Linux (a 1 ms sleep oversleeps);
+* the DUL thread sleeps ``_run_loop_delay`` (default 1 ms) when a poll found nothing, and
+  it is this thread that sends the response once the handler returned. A shorter poll
+  is no cure: each wake-up takes the GIL from the C-STORE handler, and on a busy host
+  the handler then waits for the poller at every system call it makes (file write,
+  fsync, each SQLite statement).
+
+:class:`LowLatencyAssociation` blocks on the DIMSE message queue instead (it wakes as
+soon as a request is complete, and still runs the release/abort/timeout checks at least
+every :data:`REACTOR_WAIT_SECONDS`). :class:`LowLatencyDUL` blocks in ``select`` on the
+peer's socket and a wake-up socket that :meth:`~LowLatencyDUL.send_pdu` writes to, so
+it sleeps while the handler runs and wakes the moment the response is queued.
+:class:`LowLatencyRequestHandler` gives each accepted association both. The acceptor
+loop below is pynetdicom 3.0's own with the sleep-then-poll replaced by a timed
+``Queue.get``; ``tests/test_receive_reactor.py`` fails if pynetdicom's loops change, so
+an upgrade is reviewed against this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import threading
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+LOGGER = logging.getLogger("pynetdicom.assoc")
+
+#: Longest wait for a DIMSE message before the reactor re-checks release, abort, the
+#: DUL thread and the network timeout (pynetdicom polls every 1 ms).
+REACTOR_WAIT_SECONDS = 0.005
+
+#: Longest wait of the DUL thread in ``select`` before it re-checks its timers (ARTIM).
+DUL_WAIT_SECONDS = 0.005
+
+
+class LowLatencyAssociation(Association):
+    """An acceptor :class:`~pynetdicom.association.Association` that waits on its DIMSE
+    queue instead of sleeping 1 ms per loop (see the module docstring)."""
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            # pynetdicom's pause protocol: a send_*() on this association clears the
+            # checkpoint and waits for _is_paused before it touches the DIMSE queue.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=REACTOR_WAIT_SECONDS)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                continue  # another request may already be queued
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class LowLatencyDUL(DULServiceProvider):
+    """A DUL provider that waits in ``select`` instead of sleeping between polls.
+
+    pynetdicom's loop is kept; its idle sleep is set to 0 and the wait moves into
+    :meth:`_is_transport_event`, which blocks only when nothing is pending anywhere
+    (socket, event queue, outgoing primitives, kill flag).
+    """
+
+    def _prepare(self) -> None:
+        """Called once before the thread starts (see :class:`LowLatencyRequestHandler`)."""
+        # A socket pair rather than os.pipe(): a write after close raises instead of
+        # landing in a recycled file descriptor.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._run_loop_delay = 0
+        # Thread.__init__ bound the base class's run_reactor as the target.
+        self._target = make_target(self.run_reactor)
+
+    def _wake(self) -> None:
+        # OSError: a wake-up is already pending (buffer full) or the loop has ended.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def send_pdu(self, primitive: object) -> None:  # type: ignore[override]
+        super().send_pdu(primitive)  # type: ignore[arg-type]
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _is_transport_event(self) -> bool:
+        if super()._is_transport_event():
+            return True
+        if self._kill_thread or not self.event_queue.empty() or not self.to_provider_queue.empty():
+            return False
+        sock = self.socket
+        raw = getattr(sock, "socket", None)
+        if raw is None or not getattr(sock, "_is_connected", False):
+            return False
+        try:
+            ready, _, _ = select.select([raw, self._wake_r], [], [], DUL_WAIT_SECONDS)
+        except (OSError, ValueError):  # closed under us: the next poll reports it
+            return False
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):  # BlockingIOError once drained
+                while self._wake_r.recv(4096):
+                    pass
+        return False
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+class LowLatencyRequestHandler(RequestHandler):
+    """pynetdicom's request handler, whose associations use :class:`LowLatencyAssociation`
+    and :class:`LowLatencyDUL`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # pynetdicom builds the acceptor and its DUL in long methods with no class
+        # hook; the subclasses only override methods, so switching the classes before
+        # the threads start is safe.
+        assoc.__class__ = LowLatencyAssociation
+        assoc.dul.__class__ = LowLatencyDUL
+        assoc.dul._prepare()  # type: ignore[attr-defined]
+        return assoc
+
+
+def start_server(
+    ae: AE, address: tuple[str, int], evt_handlers: list[evt.EventHandlerType]
+) -> ThreadedAssociationServer:
+    """``ae.start_server(address, block=False, evt_handlers=...)`` with
+    :class:`LowLatencyRequestHandler`; stop it with the server's ``shutdown()``."""
+    server = ae.make_server(
+        address,
+        evt_handlers=evt_handlers,
+        server_class=ThreadedAssociationServer,
+        request_handler=LowLatencyRequestHandler,
+    )
+    thread = threading.Thread(
+        target=make_target(server.serve_forever), name=f"scp@{address[1]}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)  # as start_server does: server.shutdown() removes it
+    return server

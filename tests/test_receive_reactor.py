@@ -1,0 +1,77 @@
+"""The low-latency acceptor loop (qgate.receive.reactor) against pynetdicom."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import threading
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from qgate.receive.reactor import LowLatencyAssociation, LowLatencyDUL, start_server
+from qgate.synth import make_ct_series
+from tests.conftest import free_port
+
+# sha256 of pynetdicom 3.0.4's Association._run_reactor source, which
+# LowLatencyAssociation._run_reactor copies. A new pynetdicom that changes the loop
+# fails here: compare the two loops, port the change, then update the digest.
+UPSTREAM_LOOP_SHA256 = "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee"
+
+
+def test_the_copied_loop_matches_the_installed_pynetdicom() -> None:
+    src = inspect.getsource(Association._run_reactor)
+    assert hashlib.sha256(src.encode()).hexdigest() == UPSTREAM_LOOP_SHA256
+
+
+def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> None:
+    """C-ECHO and C-STORE are served, the peer's release ends the association, and the
+    acceptor is a LowLatencyAssociation with a LowLatencyDUL."""
+    seen: list[tuple[type, float]] = []
+    released = threading.Event()
+
+    def on_store(event: evt.Event) -> int:
+        seen.append((type(event.assoc), type(event.assoc.dul)))
+        return 0x0000
+
+    scp = AE("SCP")
+    scp.add_supported_context(Verification)
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = start_server(
+        scp,
+        ("127.0.0.1", port),
+        [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, lambda e: released.set())],
+    )
+    try:
+        scu = AE("SCU")
+        scu.add_requested_context(Verification)
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        for ds in make_ct_series(3, 32, 32, seed=1):
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert released.wait(5)
+    finally:
+        server.shutdown()
+    assert seen == [(LowLatencyAssociation, LowLatencyDUL)] * 3
+
+
+def test_a_peer_abort_ends_the_association() -> None:
+    aborted = threading.Event()
+    scp = AE("SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = start_server(scp, ("127.0.0.1", port), [(evt.EVT_ABORTED, lambda e: aborted.set())])
+    try:
+        scu = AE("SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        assoc.abort()
+        assert aborted.wait(5)
+    finally:
+        server.shutdown()
