@@ -10,7 +10,12 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from qgate.receive.reactor import LowLatencyAssociation, LowLatencyDUL, start_server
+from qgate.receive.reactor import (
+    BulkRecvSocket,
+    LowLatencyAssociation,
+    LowLatencyDUL,
+    start_server,
+)
 from qgate.synth import make_ct_series
 from tests.conftest import free_port
 
@@ -32,7 +37,7 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
     released = threading.Event()
 
     def on_store(event: evt.Event) -> int:
-        seen.append((type(event.assoc), type(event.assoc.dul)))
+        seen.append((type(event.assoc), type(event.assoc.dul), type(event.assoc.dul.socket)))
         return 0x0000
 
     scp = AE("SCP")
@@ -57,7 +62,7 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
         assert released.wait(5)
     finally:
         server.shutdown()
-    assert seen == [(LowLatencyAssociation, LowLatencyDUL)] * 3
+    assert seen == [(LowLatencyAssociation, LowLatencyDUL, BulkRecvSocket)] * 3
 
 
 def test_a_peer_abort_ends_the_association() -> None:
@@ -75,3 +80,45 @@ def test_a_peer_abort_ends_the_association() -> None:
         assert aborted.wait(5)
     finally:
         server.shutdown()
+
+
+def test_a_connection_cut_inside_a_pdu_stores_nothing_and_the_server_stays_up() -> None:
+    """BulkRecvSocket returns the short read, pynetdicom sees the PDU is incomplete and
+    closes the association; no C-STORE reaches the handler."""
+    import struct
+
+    stored: list[object] = []
+    closed = threading.Event()
+    scp = AE("SCP")
+    scp.maximum_pdu_size = 0
+    scp.add_supported_context(Verification)
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = start_server(
+        scp,
+        ("127.0.0.1", port),
+        [
+            (evt.EVT_C_STORE, lambda e: stored.append(e) or 0x0000),
+            (evt.EVT_CONN_CLOSE, lambda e: closed.set()),
+        ],
+    )
+    try:
+        scu = AE("SCU")
+        scu.add_requested_context(Verification)
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        # A P-DATA-TF PDU header announcing 200 000 bytes, then 1 000 of them.
+        raw.sendall(struct.pack(">BBL", 0x04, 0, 200_000) + b"\x00" * 1000)
+        raw.shutdown(2)
+        assert closed.wait(5)
+        assoc.abort()
+
+        again = scu.associate("127.0.0.1", port)
+        assert again.is_established
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+    finally:
+        server.shutdown()
+    assert stored == []
