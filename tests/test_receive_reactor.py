@@ -9,6 +9,7 @@ import threading
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from qgate.receive.reactor import (
     BulkRecvSocket,
@@ -25,6 +26,21 @@ from tests.conftest import free_port
 UPSTREAM_LOOP_SHA256 = "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee"
 
 
+def _ae(title: str) -> AE:
+    """An AE for Verification and CT Image Storage (both roles' contexts)."""
+    ae = AE(title)
+    ae.maximum_pdu_size = 0
+    for cx in (Verification, CTImageStorage):
+        ae.add_supported_context(cx)
+        ae.add_requested_context(cx)
+    return ae
+
+
+def _serve(handlers: list[evt.EventHandlerType]) -> tuple[ThreadedAssociationServer, int]:
+    port = free_port()
+    return start_server(_ae("SCP"), ("127.0.0.1", port), handlers), port
+
+
 def test_the_copied_loop_matches_the_installed_pynetdicom() -> None:
     src = inspect.getsource(Association._run_reactor)
     assert hashlib.sha256(src.encode()).hexdigest() == UPSTREAM_LOOP_SHA256
@@ -33,27 +49,18 @@ def test_the_copied_loop_matches_the_installed_pynetdicom() -> None:
 def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> None:
     """C-ECHO and C-STORE are served, the peer's release ends the association, and the
     acceptor is a LowLatencyAssociation with a LowLatencyDUL."""
-    seen: list[tuple[type, float]] = []
+    seen: list[tuple[type, type, type]] = []
     released = threading.Event()
 
     def on_store(event: evt.Event) -> int:
         seen.append((type(event.assoc), type(event.assoc.dul), type(event.assoc.dul.socket)))
         return 0x0000
 
-    scp = AE("SCP")
-    scp.add_supported_context(Verification)
-    scp.add_supported_context(CTImageStorage)
-    port = free_port()
-    server = start_server(
-        scp,
-        ("127.0.0.1", port),
-        [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, lambda e: released.set())],
+    server, port = _serve(
+        [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, lambda e: released.set())]
     )
     try:
-        scu = AE("SCU")
-        scu.add_requested_context(Verification)
-        scu.add_requested_context(CTImageStorage)
-        assoc = scu.associate("127.0.0.1", port)
+        assoc = _ae("SCU").associate("127.0.0.1", port)
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0x0000
         for ds in make_ct_series(3, 32, 32, seed=1):
@@ -67,14 +74,9 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
 
 def test_a_peer_abort_ends_the_association() -> None:
     aborted = threading.Event()
-    scp = AE("SCP")
-    scp.add_supported_context(Verification)
-    port = free_port()
-    server = start_server(scp, ("127.0.0.1", port), [(evt.EVT_ABORTED, lambda e: aborted.set())])
+    server, port = _serve([(evt.EVT_ABORTED, lambda e: aborted.set())])
     try:
-        scu = AE("SCU")
-        scu.add_requested_context(Verification)
-        assoc = scu.associate("127.0.0.1", port)
+        assoc = _ae("SCU").associate("127.0.0.1", port)
         assert assoc.is_established
         assoc.abort()
         assert aborted.wait(5)
@@ -89,23 +91,14 @@ def test_a_connection_cut_inside_a_pdu_stores_nothing_and_the_server_stays_up() 
 
     stored: list[object] = []
     closed = threading.Event()
-    scp = AE("SCP")
-    scp.maximum_pdu_size = 0
-    scp.add_supported_context(Verification)
-    scp.add_supported_context(CTImageStorage)
-    port = free_port()
-    server = start_server(
-        scp,
-        ("127.0.0.1", port),
+    server, port = _serve(
         [
             (evt.EVT_C_STORE, lambda e: stored.append(e) or 0x0000),
             (evt.EVT_CONN_CLOSE, lambda e: closed.set()),
-        ],
+        ]
     )
     try:
-        scu = AE("SCU")
-        scu.add_requested_context(Verification)
-        scu.add_requested_context(CTImageStorage)
+        scu = _ae("SCU")
         assoc = scu.associate("127.0.0.1", port)
         assert assoc.is_established
         raw = assoc.dul.socket.socket
