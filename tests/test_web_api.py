@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,6 +320,29 @@ def test_series_api_and_map_images(
     assert "/api/series/{series_uid}/verdicts" in schema["paths"]
     assert "/login" not in schema["paths"]
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_api_docs_are_served_from_local_files(client: TestClient) -> None:
+    """/docs needs the login and references only this site's files (offline networks)."""
+    assert client.get("/docs", follow_redirects=False).status_code == 303
+    login(client, "rad")
+    page = client.get("/docs")
+    assert page.status_code == 200 and 'id="swagger-ui"' in page.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert refs and all(r.startswith("/") and not r.startswith("//") for r in refs), refs
+    kinds = {}
+    for ref in refs:
+        r = client.get(ref)
+        assert r.status_code == 200, ref
+        kinds[ref.rsplit(".", 1)[-1]] = (r.headers["content-type"], len(r.content))
+    assert kinds["js"][0].startswith(("text/javascript", "application/javascript"))
+    assert kinds["css"][0].startswith("text/css") and kinds["css"][1] > 10_000
+    bundle = client.get(next(r for r in refs if r.endswith("swagger-ui-bundle.js")))
+    assert "SwaggerUIBundle" in bundle.text and len(bundle.content) > 500_000
+    # The page's policy allows no script or style from elsewhere, and no inline script.
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "http" not in csp and "<script>" not in page.text
+    assert client.get("/redoc").status_code == 404
 
 
 # -- worklist ----------------------------------------------------------------------------------

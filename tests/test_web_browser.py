@@ -230,3 +230,44 @@ def test_submit_a_verdict_and_see_it_recorded(site: Site, page: Any) -> None:
     page.goto(f"{site.url}/?decision=all")
     expect(page.locator("table.worklist tbody tr")).to_have_count(3)
     page.screenshot(path=str(site.shots / "worklist.png"))
+
+
+def test_api_docs_render_offline_under_the_strict_policy(site: Site, browser: Any) -> None:
+    """/docs (Swagger UI) draws the API from local files only: any request off this site
+    is refused and recorded, and the page's CSP (no inline script) is never violated."""
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def only_this_site(route: Any) -> None:
+        if route.request.url.startswith(site.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_site)
+    p = context.new_page()
+    p.set_default_timeout(15_000)
+    console: list[str] = []
+    p.on("console", lambda m: console.append(m.text))
+    p.on("pageerror", lambda e: console.append(str(e)))
+    p.goto(f"{site.url}/docs")
+    p.fill("input[name=username]", "dr.weber")
+    p.fill("input[name=password]", PASSWORD)
+    p.click("button[type=submit]")
+    p.wait_for_url(f"{site.url}/docs")
+    expect(p.locator(".opblock").first).to_be_visible()
+    expect(p.locator(".opblock-summary-path", has_text="/api/series").first).to_be_visible()
+    assert p.locator(".opblock").count() >= 5
+
+    # "Try it out" on a POST sends the session's CSRF token: a 404, not the 403 without it.
+    op = p.locator(".opblock-post").filter(has_text="/release").first
+    op.locator(".opblock-summary").click()
+    op.locator("button.try-out__btn").click()
+    op.locator("input[placeholder=series_uid]").fill("1.2.3")
+    with p.expect_response(lambda r: r.url.endswith("/api/series/1.2.3/release")) as sent:
+        op.locator("button.execute").click()
+    assert sent.value.status == 404 and "no such series" in sent.value.text()
+    assert outside == []
+    assert not [m for m in console if "Content Security Policy" in m or "Error" in m], console
+    context.close()

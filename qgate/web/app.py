@@ -25,6 +25,7 @@ from qgate.web.deps import Forbidden, LoginRequired, get_current_user
 from qgate.web.images import MapImages
 from qgate.web.metrics import make_registry
 from qgate.web.routes import api_router, monitoring_router, pages_router
+from qgate.web.routes.docs import SWAGGER_ASSETS, SWAGGER_URL
 from qgate.web.security import SecurityHeaders, csrf_protect, load_secret_key
 from qgate.web.templating import make_templates, render
 
@@ -128,6 +129,8 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.include_router(monitoring_router)
     app.include_router(api_router)
     app.include_router(pages_router)
+    # Swagger UI's files (a package's data) before the app's own: the longer prefix first.
+    app.mount(SWAGGER_URL, StaticFiles(packages=[SWAGGER_ASSETS]), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_exception_handler(LoginRequired, _login_required)

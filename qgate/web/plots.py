@@ -63,6 +63,10 @@ class StripPlot:
     plot_bottom: float = HEIGHT - BOTTOM
 
     @property
+    def plot_right(self) -> float:
+        return self.width - RIGHT
+
+    @property
     def step(self) -> float:
         n = len(self.bars) + len(self.missing)
         return (self.width - self.left - RIGHT) / max(n, 1)
@@ -153,4 +157,105 @@ def strip_plot(
         y_ticks=y_ticks,
         x_ticks=x_ticks,
         limits=limit_lines,
+    )
+
+
+# ------------------------------------------------------------------ line charts
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float
+    y: float
+    label: str  # the tooltip
+    marked: bool = False  # drawn larger (a promoted run)
+
+
+@dataclass(frozen=True)
+class Line:
+    name: str
+    css: str  # the class that colours it
+    points: tuple[Point, ...]
+
+    @property
+    def path(self) -> str:
+        """The ``points`` attribute of the SVG polyline."""
+        return " ".join(f"{p.x},{p.y}" for p in self.points)
+
+
+@dataclass(frozen=True)
+class LineChart:
+    """Geometry of a line chart (the ``line_chart`` macro of ``_macros.html`` draws it)."""
+
+    title: str
+    lines: tuple[Line, ...]
+    y_ticks: tuple[Tick, ...]
+    x_ticks: tuple[Tick, ...]
+    width: int
+    height: int
+    left: int
+    top: int
+    plot_bottom: float
+    plot_right: float
+
+
+#: One line's data: (name, css class, [(x, y or None, tooltip, marked), ...]).
+LineData = tuple[str, str, Sequence[tuple[float, float | None, str, bool]]]
+
+
+def line_chart(
+    title: str,
+    lines: Sequence[LineData],
+    *,
+    x_labels: Sequence[tuple[float, str]] | None = None,
+    width: int = WIDTH,
+    height: int = 170,
+    left: int = LEFT,
+    max_x_ticks: int = 10,
+) -> LineChart | None:
+    """Lines over a shared x axis (missing or non-finite y values are left out); None when
+    nothing is finite. ``x_labels`` names the x ticks (else round numbers along x)."""
+    kept = [
+        (name, css, [(x, y, t, m) for x, y, t, m in pts if y is not None and math.isfinite(y)])
+        for name, css, pts in lines
+    ]
+    kept = [k for k in kept if k[2]]
+    if not kept:
+        return None
+    xs = [p[0] for _, _, pts in kept for p in pts]
+    ys = [p[1] for _, _, pts in kept for p in pts]
+    y_lo, y_hi = min(ys), max(ys)
+    pad = (y_hi - y_lo) * 0.1 or max(abs(y_hi) * 0.1, 0.1)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi <= x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    right, plot_bottom = width - RIGHT - 4, height - BOTTOM
+    plot_h = plot_bottom - TOP
+
+    def px(x: float) -> float:
+        return round(left + 6 + (x - x_lo) / (x_hi - x_lo) * (right - left - 12), 2)
+
+    def py(y: float) -> float:
+        return round(TOP + (y_hi - y) / (y_hi - y_lo) * plot_h, 2)
+
+    if x_labels is None:
+        x_labels = [(t, format_value(t)) for t in _nice_ticks(x_lo, x_hi, 5) if t >= x_lo]
+    elif len(x_labels) > max_x_ticks:
+        step = math.ceil(len(x_labels) / max_x_ticks)
+        x_labels = [*x_labels[:-1:step], x_labels[-1]]
+    return LineChart(
+        title=title,
+        lines=tuple(
+            Line(name, css, tuple(Point(px(x), py(y), t, m) for x, y, t, m in pts))  # type: ignore[arg-type]
+            for name, css, pts in kept
+        ),
+        y_ticks=tuple(Tick(py(t), format_value(t)) for t in _nice_ticks(y_lo, y_hi)),
+        x_ticks=tuple(Tick(px(x), label) for x, label in x_labels),
+        width=width,
+        height=height,
+        left=left,
+        top=TOP,
+        plot_bottom=plot_bottom,
+        plot_right=right,
     )

@@ -1,7 +1,11 @@
-"""Training runs: the nightly retraining's runs (qgate.retrain) with both models' metrics,
-and what each model kind serves now (qgate.registry)."""
+"""Training runs: the nightly retraining's runs (qgate.retrain) with both models' metrics
+and plots (each run's held-out metrics over time, candidate against current, and each
+run's fine-tuning loss curve), and what each model kind serves now (qgate.registry)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy import select
@@ -9,13 +13,77 @@ from starlette.responses import Response
 
 from qgate.db.models import TrainingRun
 from qgate.registry import active_weights
+from qgate.report.render import format_value
+from qgate.retrain import CHEST_PROMOTED
 from qgate.web.deps import CurrentUser, SessionDep, SettingsDep
+from qgate.web.plots import LineChart, LineData, line_chart
 from qgate.web.templating import render
 
 router = APIRouter(include_in_schema=False)
 
 #: Metrics shown per model, in this order, when present.
 METRICS = ("n", "overall", "plcc", "srocc", "krocc", "mae")
+
+#: The comparison plots: title and where the value sits in a side's metrics.
+COMPARISONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("MD-IQA held-out Overall = |PLCC| + |SROCC| + |KROCC| (higher is better)", ("overall",)),
+    ("MD-IQA held-out MAE, scores 0-4 (lower is better)", ("mae",)),
+    ("Chest CT-IQA quality fit held-out MAE, scores 1-10 (lower is better)", ("chestiqa", "mae")),
+)
+SIDES = (("candidate", "line-candidate"), ("current", "line-current"))
+LOSSES = (("sup", "supervised", "line-sup"), ("pseudo", "pseudo-label", "line-pseudo"))
+
+
+def _value(metrics: Any, path: Sequence[str]) -> float | None:
+    for key in path:
+        if not isinstance(metrics, dict):
+            return None
+        metrics = metrics.get(key)
+    return float(metrics) if isinstance(metrics, int | float) else None
+
+
+def _promoted(run: TrainingRun, path: Sequence[str]) -> bool:
+    """Whether the run promoted that model (the chest refit goes along only when not worse)."""
+    if path[0] == "chestiqa":
+        return run.promoted and CHEST_PROMOTED in (run.reason or "")
+    return run.promoted
+
+
+def comparison_charts(runs: Sequence[TrainingRun]) -> list[LineChart]:
+    """Candidate and current model per run, oldest run left; promoted runs are marked."""
+    done = sorted((r for r in runs if r.metrics.get("candidate")), key=lambda r: r.id)
+    labels = [(float(i), f"#{r.id}") for i, r in enumerate(done)]
+    charts = []
+    for title, path in COMPARISONS:
+        lines: list[LineData] = []
+        for side, css in SIDES:
+            points = []
+            for i, r in enumerate(done):
+                v = _value(r.metrics.get(side), path)
+                tip = f"run {r.id}, {side}: {format_value(v) if v is not None else 'n/a'}"
+                points.append((float(i), v, tip, side == "candidate" and _promoted(r, path)))
+            lines.append((side, css, points))
+        chart = line_chart(title, lines, x_labels=labels)
+        if chart is not None:
+            charts.append(chart)
+    return charts
+
+
+def loss_chart(run: TrainingRun) -> LineChart | None:
+    """The run's fine-tuning loss per step (its stored curve, averaged to <= 100 points)."""
+    curve = (run.metrics.get("candidate") or {}).get("loss_curve") or {}
+    steps = int(curve.get("steps") or 0)
+    lines: list[LineData] = []
+    for key, name, css in LOSSES:
+        values = curve.get(key) or []
+        scale = steps / len(values) if steps and values else 1.0
+        pts = [
+            ((k + 1) * scale, v, f"{name} loss, step {round((k + 1) * scale)}: {v:.4g}", False)
+            for k, v in enumerate(values)
+            if isinstance(v, int | float)
+        ]
+        lines.append((name, css, pts))
+    return line_chart(f"Run {run.id} loss", lines, width=300, height=110, left=40)
 
 
 @router.get("/training")
@@ -31,6 +99,8 @@ def training_runs(
         scorers=settings.scoring.scorers,
         runs=runs,
         metrics=METRICS,
+        charts=comparison_charts(runs),
+        losses={r.id: loss_chart(r) for r in runs},
         serving={m: a.version for m, a in active_weights(session).items()},
         cron=settings.retrain.cron if settings.retrain.enabled else None,
     )
