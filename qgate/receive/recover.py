@@ -68,7 +68,9 @@ def recover_spool(settings: Settings, sessions: sessionmaker[Session]) -> int:
 
 def _record_orphan(settings: Settings, sessions: sessionmaker[Session], path: Path) -> bool:
     with sessions() as session:
-        if session.scalar(select(Instance.id).where(Instance.path == str(path))) is not None:
+        # The file is named after its SOP Instance UID: look it up on the unique index
+        # (``instances.path`` has none; start-up may check thousands of files).
+        if session.scalar(select(Instance.path).where(Instance.sop_instance_uid == path.stem)):
             return False
     data = path.read_bytes()
     try:
