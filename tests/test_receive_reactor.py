@@ -115,3 +115,31 @@ def test_a_connection_cut_inside_a_pdu_stores_nothing_and_the_server_stays_up() 
     finally:
         server.shutdown()
     assert stored == []
+
+
+def test_associations_leave_no_file_descriptors_or_threads_behind() -> None:
+    """Each LowLatencyDUL opens a wake-up socket pair; it is closed when the loop ends."""
+    import os
+    import time
+
+    server, port = _serve([])
+    scu = _ae("SCU")
+    try:
+
+        def one() -> None:
+            assoc = scu.associate("127.0.0.1", port)
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+
+        one()
+        time.sleep(0.3)
+        fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+        for _ in range(20):
+            one()
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= fds
+        assert threading.active_count() <= threads
+    finally:
+        server.shutdown()
