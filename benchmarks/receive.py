@@ -5,7 +5,9 @@ duplicates) over ONE association with dcmtk storescu, and times storescu's wall 
 qgate runs as `qgate serve` with its database recorded (SQLite WAL, synchronous=NORMAL)
 and fsync on (one flush per instance, see qgate/spool.py); Orthanc runs with its defaults
 (SQLite index, storage area synced: one fdatasync per instance) plus TCP_NODELAY.
-Prints a table; paste it into benchmarks/RESULTS.md.
+A third receiver bounds what any pynetdicom-based SCP can do here: pynetdicom with qgate's
+acceptor loop (qgate.receive.reactor) and a C-STORE handler that returns Success at once,
+storing nothing. Prints a table; paste it into benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/receive.py --slices 200 --size 512 --reps 5
 """
@@ -24,6 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage
+
+from qgate.receive.reactor import start_server
+from qgate.receive.scp import TRANSFER_SYNTAXES
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
 from tests.support.orthanc import start_orthanc
@@ -45,6 +52,19 @@ def _send(host_port: int, aec: str, files: list[Path]) -> float:
     return dt
 
 
+def _start_floor(port: int) -> object:
+    """pynetdicom, qgate's acceptor loop, a handler that stores nothing."""
+    ae = AE("FLOOR")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
+
+    def handler(event: evt.Event) -> int:
+        event.encoded_dataset()  # the bytes qgate would write, then nothing
+        return 0x0000
+
+    return start_server(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, handler)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qgate-bench-") as tmp:
         work = Path(tmp)
         series = []
-        for rep in range(args.reps * 2):
+        for rep in range(args.reps * 3):
             ds = make_ct_series(args.slices, args.size, args.size, seed=rep)
             series.append(write_series(ds, work / f"in{rep}"))
         mb = sum(p.stat().st_size for p in series[0]) / 1e6
@@ -83,18 +103,24 @@ def main() -> None:
             },
         }
         q = QgateProcess(work, cfg).start()
-        times: dict[str, list[float]] = {"qgate": [], "orthanc": []}
+        floor_port = free_port()
+        floor = _start_floor(floor_port)
+        times: dict[str, list[float]] = {"qgate": [], "orthanc": [], "pynetdicom no-op": []}
         try:
             for rep in range(args.reps):
                 # Alternate the order so neither side always runs on a warmer page cache.
-                order = [("qgate", q.port, "QGATE"), ("orthanc", archive.dicom_port, "ARCHIVE")]
-                if rep % 2:
-                    order.reverse()
+                order = [
+                    ("qgate", q.port, "QGATE"),
+                    ("orthanc", archive.dicom_port, "ARCHIVE"),
+                    ("pynetdicom no-op", floor_port, "FLOOR"),
+                ]
+                order = order[rep % 3 :] + order[: rep % 3]
                 for k, (name, port, aec) in enumerate(order):
-                    times[name].append(_send(port, aec, series[2 * rep + k]))
+                    times[name].append(_send(port, aec, series[3 * rep + k]))
             rows = q.cli_json("results", "--json")
             received = sum(r["instances"] for r in rows)
         finally:
+            floor.shutdown()  # type: ignore[attr-defined]
             q.stop()
             archive.stop()
         assert received == args.reps * args.slices, f"qgate recorded {received} instances"
@@ -109,17 +135,19 @@ def main() -> None:
         f"{' + folder' if args.fsync_directory else ''}, load average {os.getloadavg()[0]:.1f}"
     )
     print()
-    print("| receiver | median s | min s | instances/s (median) | MB/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| receiver | median s | min s | instances/s (median) | ms/instance | MB/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     med = {}
     for name, ts in times.items():
         med[name] = statistics.median(ts)
         print(
             f"| {name} | {med[name]:.3f} | {min(ts):.3f} | {args.slices / med[name]:.1f} | "
-            f"{mb / med[name]:.1f} |"
+            f"{1000 * med[name] / args.slices:.2f} | {mb / med[name]:.1f} |"
         )
     print()
     print(f"ratio qgate/orthanc instances/s: {med['orthanc'] / med['qgate']:.2f}x")
+    floor_ratio = med["orthanc"] / med["pynetdicom no-op"]
+    print(f"ratio pynetdicom no-op/orthanc instances/s: {floor_ratio:.2f}x")
 
 
 if __name__ == "__main__":
