@@ -374,3 +374,22 @@ def test_cli_simulate_writes_derived_series(tmp_path: Path) -> None:
     assert np.std(hu_out[roi]) > 2 * np.std(hu_in[roi])
     res = CliRunner().invoke(main, ["simulate", str(src), str(out), "--dose", "2"])
     assert res.exit_code != 0
+
+
+def test_overwrite_replaces_an_interrupted_build(tmp_path: Path) -> None:
+    """A folder left by an interrupted build (marker, no manifest) can be overwritten."""
+    from training.datasets.common import BUILDING_MARKER, prepare_out
+
+    out = prepare_out(tmp_path / "ds", overwrite=False)
+    assert (out / BUILDING_MARKER).exists()
+    (out / "image").mkdir()  # the build stops here: no manifest.json
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_out(out, overwrite=False)
+    again = prepare_out(out, overwrite=True)
+    assert not (again / "image").exists() and (again / BUILDING_MARKER).exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not a dataset")
+    with pytest.raises(FileExistsError, match="not a qgate dataset"):
+        prepare_out(foreign, overwrite=True)
+    assert (foreign / "keep.txt").exists()

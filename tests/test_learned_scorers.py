@@ -131,7 +131,7 @@ def test_n2q_outputs_and_map(weights: dict[str, Path], volume: SeriesVolume) -> 
     (qmap,) = out.maps
     assert qmap.name == "quality" and qmap.unit == "1"
     assert qmap.display_range == (0.0, 1.0) and qmap.higher_is_better is True
-    size = scorer.n2q.data_config.size
+    size = scorer.n2q.data_config.size or SIZE  # None: the native grid
     assert qmap.values.shape == (N_SLICES, size, size) and qmap.values.dtype == np.float32
     assert np.isfinite(qmap.values).all() and np.abs(qmap.values).max() < 1.0
 

@@ -27,9 +27,15 @@ from qgate.models.losses_mdiqa import (
 from qgate.models.mdiqa import (
     MDIQA,
     MDIQAConfig,
+    body_frame,
+    extract_crops,
     gaussian_targets,
     load_mdiqa,
+    mdiqa_channels,
+    mdiqa_crops,
     mdiqa_preprocess,
+    mdiqa_random_crops,
+    pool_crop_logits,
     predict_argmax,
     predict_soft,
     resolve_data_config,
@@ -40,7 +46,15 @@ from training.ema import ModelEMA
 
 # 32 px input, 4 x 4 token grid: ConvNeXt stages of 8, 4 and 2 px exercise the strided,
 # the same-size and the upsampling alignment paths.
-MICRO: dict[str, Any] = {"img_size": 32, "patch_size": 8, "num_points": 40, "drop_path_rate": 0.0}
+# One input channel, so the model tests can feed plain (B, 1, 32, 32) tensors; the
+# two-window native-crop input has its own tests below.
+MICRO: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 8,
+    "num_points": 40,
+    "drop_path_rate": 0.0,
+    "in_chans": 1,
+}
 
 
 def micro(**kw: Any) -> MDIQA:
@@ -61,8 +75,8 @@ def test_registered() -> None:
     assert {"mdiqa_tiny", "mdiqa_small"} <= set(list_models("mdiqa"))
 
 
-def test_shapes_and_preprocess() -> None:
-    m = micro().eval()
+def test_shapes_and_resize_preprocess() -> None:
+    m = micro(crop_mode="resize").eval()
     cfg = m.cfg
     hu = torch.full((2, 512, 512), -1000.0)
     hu[:, 32:480, 32:480] = 400.0  # exactly the crop region is bright
@@ -73,6 +87,13 @@ def test_shapes_and_preprocess() -> None:
     # Non-512 matrices are cropped proportionally and resized to img_size.
     odd = mdiqa_preprocess(torch.zeros(3, 256, 300), resolve_data_config(cfg))
     assert odd.shape == (3, 1, 32, 32)
+    assert mdiqa_crops(torch.zeros(3, 256, 300), resolve_data_config(cfg)).shape == (
+        3,
+        1,
+        1,
+        32,
+        32,
+    )
     hu_pts = torch.tensor([-2000.0, -1000.0, -300.0, 400.0, 3000.0])
     assert hu_to_unit(hu_pts, cfg.hu_window).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     with torch.no_grad():
@@ -80,11 +101,67 @@ def test_shapes_and_preprocess() -> None:
         logits = m.forward_head(f)
     assert f.shape == (2, cfg.fuse_dim, 4, 4)
     assert logits.shape == (2, 3, 41) and logits.dtype == torch.float32
-    rgb = micro(in_chans=3).eval()
+    rgb = micro(in_chans=3, crop_mode="resize").eval()
     x3 = mdiqa_preprocess(hu, resolve_data_config(rgb))
     assert x3.shape == (2, 3, 32, 32)
     with torch.no_grad():
         assert rgb(x3).shape == (2, 3, 41)
+
+
+def _body(size: int = 256, noise: float = 10.0) -> torch.Tensor:
+    """An off-centre soft-tissue ellipse (40 HU + noise) in air."""
+    g = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = ((yy - 0.6 * size) / (0.25 * size)) ** 2 + ((xx - 0.45 * size) / (0.35 * size)) ** 2
+    hu = torch.where(inside < 1, torch.tensor(40.0), torch.tensor(-1000.0))
+    return (hu + noise * torch.randn(size, size, generator=g) * (inside < 1))[None]
+
+
+def test_native_crops_keep_the_pixels_and_lie_on_the_body() -> None:
+    cfg = MDIQAConfig(img_size=32, patch_size=8, n_crops=4)
+    dc = resolve_data_config(cfg)
+    assert cfg.in_chans == 2 and dc.crop_mode == "native"
+    hu = _body()
+    crops = mdiqa_crops(hu, dc)
+    assert crops.shape == (1, 4, 2, 32, 32)
+    centre, spread = body_frame(hu)
+    assert abs(float(centre[0, 0]) - 0.6 * 256) < 3 and abs(float(centre[0, 1]) - 0.45 * 256) < 3
+    # The crops lie on the body: (almost) all soft tissue.
+    wide, soft = crops[0, :, 0], crops[0, :, 1]
+    tissue = (wide > 0.3) & (wide < 0.7)
+    assert float(tissue.float().mean()) > 0.9
+    # No resampling: the soft-tissue window C40/W400 shows the 10 HU of noise 3.5x larger
+    # than the wide window does, and at its full pixel value (10 / 400 * 2 per unit).
+    ratio = float(soft[tissue].std() / wide[tissue].std())
+    assert ratio == pytest.approx(1400 / 400, rel=0.05)
+    assert float(soft[tissue].std()) == pytest.approx(10 / 400 * 2, rel=0.1)
+    # The single-input preprocessing is the centroid crop.
+    x = mdiqa_preprocess(hu, dc)
+    assert x.shape == (1, 2, 32, 32)
+    expect = extract_crops(mdiqa_channels(hu, dc), centre[:, None], 32)[:, 0]
+    assert torch.equal(x, expect)
+    # Images smaller than a crop are padded with air, crops near the edge shifted inside.
+    assert mdiqa_crops(torch.zeros(2, 20, 24), dc).shape == (2, 4, 2, 32, 32)
+    edge = extract_crops(mdiqa_channels(hu, dc), torch.tensor([[[0.0, 255.0]]]), 32)
+    assert edge.shape == (1, 1, 2, 32, 32)
+    # Random training crops come from the same frame.
+    g = torch.Generator().manual_seed(0)
+    rc = mdiqa_random_crops(
+        mdiqa_channels(hu, dc).expand(3, -1, -1, -1),
+        centre.expand(3, 2),
+        spread.expand(3, 2),
+        32,
+        g,
+    )
+    assert rc.shape == (3, 2, 32, 32)
+
+
+def test_crop_pooling_averages_the_distributions() -> None:
+    logits = torch.randn(2, 4, 3, 41)
+    pooled = pool_crop_logits(logits)
+    assert pooled.shape == (2, 3, 41)
+    per_crop = predict_soft(logits.flatten(0, 1)).view(2, 4).mean(1)
+    assert torch.allclose(predict_soft(pooled), per_crop, atol=1e-5)
 
 
 @pytest.mark.parametrize(("src", "dst"), [(64, 16), (32, 16), (16, 16), (8, 16), (28, 14), (7, 14)])
@@ -239,7 +316,9 @@ def test_ablation_switches() -> None:
     with pytest.raises(TypeError):
         create_model("mdiqa_tiny", not_a_field=1)
     with pytest.raises(ValueError):
-        create_model("mdiqa_tiny", in_chans=2)
+        create_model("mdiqa_tiny", in_chans=4)
+    with pytest.raises(ValueError):
+        create_model("mdiqa_tiny", n_crops=3)
 
 
 def test_autocast_channels_last() -> None:
@@ -268,3 +347,23 @@ def test_weights_round_trip(tmp_path: Path) -> None:
         assert (predict_soft(half(x)) - predict_soft(ref)).abs().max() < 0.05
     with pytest.raises((ValueError, RuntimeError)):
         create_model("mdiqa_tiny", weights=f32)  # 128 px default: shapes do not fit
+
+
+def test_noise_stats_path_sees_the_noise_level() -> None:
+    """The texture statistics rise with noise that LayerNorm hides; zero-initialised, the
+    path leaves an untrained network's output unchanged."""
+    m = micro(in_chans=2).eval()  # the default: with the statistics
+    plain = micro(in_chans=2, noise_stats=False).eval()
+    dc = resolve_data_config(m)
+    stats = []
+    for sigma in (2.0, 8.0, 32.0):
+        crops = mdiqa_crops(_body(noise=sigma), dc)[0]
+        with torch.no_grad():
+            stats.append(float(m.noise_stats(crops).mean()))
+    assert stats[0] < stats[1] < stats[2]
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("noise_") for k in missing)
+    x = mdiqa_crops(_body(), dc)[0]
+    with torch.no_grad():
+        assert torch.allclose(m(x), plain(x), atol=1e-5)
+    assert m.noise_proj is not None and plain.noise_proj is None

@@ -33,8 +33,29 @@ def test_registered_and_sized() -> None:
     assert n_small < 2_500_000  # < 10 MB in float32
     assert n_tiny < n_small / 3
     assert isinstance(small, N2QNet) and small.cfg.widths == (16, 32, 64, 128, 256)
-    assert small.dose_head.in_features == 256 and small.dose_head.out_features == 5
+    # Pooled bottleneck (paper) + the 16 native-scale noise statistics (ours).
+    assert small.dose_head.in_features == 256 + 16 and small.dose_head.out_features == 5
     assert small.encoder[0][0].in_channels == 2  # [image, high-pass], as in the paper
+    paper = create_model("n2q_small", noise_stats=False)
+    assert paper.dose_head.in_features == 256 and paper.noise_to_map is None
+    assert small.cfg.input.size is None  # native grid: no resize
+
+
+def test_noise_stats_track_the_noise_level() -> None:
+    """The dose head's native-scale statistics rise with the noise InstanceNorm hides."""
+    from qgate.models.preprocess import prepare_n2q_input
+
+    model = create_model("n2q_tiny").eval()
+    g = torch.Generator().manual_seed(0)
+    base = torch.full((1, 64, 64), 40.0)
+    stats = []
+    for sigma in (2.0, 8.0, 32.0):
+        hu = base + sigma * torch.randn(1, 64, 64, generator=g)
+        with torch.no_grad():
+            stats.append(model.noise_stats(prepare_n2q_input(hu, model.data_config)).mean())
+    assert float(stats[0]) < float(stats[1]) < float(stats[2])
+    # Native grid: the input keeps the slice's size.
+    assert prepare_n2q_input(base, model.data_config).shape == (1, 2, 64, 64)
 
 
 def test_forward_shapes_and_tanh_range() -> None:
@@ -148,3 +169,10 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
         assert torch.equal(model(x).quality_map, loaded(x).quality_map)
     with pytest.raises((ValueError, RuntimeError)):  # shape mismatch
         create_model("n2q_small", weights=path)
+
+
+def test_noise_stats_take_a_batch_of_one_in_training() -> None:
+    """The statistics' norm falls back to its running statistics for a single sample."""
+    model = create_model("n2q_tiny").train()
+    out = model(torch.rand(1, 2, 32, 32))
+    assert out.dose_logits.shape == (1, 5)

@@ -85,8 +85,8 @@ def _sources(
     "--sim-size",
     type=int,
     default=None,
-    help="N2Q / chest: simulate at this size, then resize (default 512, native; smaller "
-    "is faster but its noise does not match what the models are served).",
+    help="N2Q / chest: simulate at this size, then resize to --size (chest default 512; "
+    "N2Q default: none, reconstruct at --size, the native grid its model reads).",
 )
 @click.option("--fast", is_flag=True, help="MD-IQA: 2x binned scanner (4x less work).")
 @click.option(

@@ -63,6 +63,11 @@ def _echo(msg: str) -> None:
     default=None,
     help="MD-IQA: input HU window LO HI (default: the variant's, -1000 400).",
 )
+@click.option(
+    "--noise-stats/--no-noise-stats",
+    default=None,
+    help="MD-IQA: the native-scale texture statistics path (default: the variant's).",
+)
 @click.option("--crop", type=int, default=None, help="N2Q: training crop (0: whole slices).")
 @click.option("--full-epochs", type=int, default=None, help="N2Q: last epochs on whole slices.")
 @click.option("--no-hpf", is_flag=True, help="N2Q: image channel only (the ablation).")
@@ -92,6 +97,7 @@ def fit(
     joint_lr: float | None,
     members: int | None,
     hu_window: tuple[float, float] | None,
+    noise_stats: bool | None,
     crop: int | None,
     full_epochs: int | None,
     no_hpf: bool,
@@ -126,8 +132,13 @@ def fit(
                 cfg = replace(cfg, joint_epochs=joint_epochs)
             if joint_lr is not None:
                 cfg = replace(cfg, joint_lr=joint_lr)
+            overrides: dict[str, object] = {}
             if hu_window is not None:
-                cfg = replace(cfg, model_overrides={"hu_window": tuple(hu_window)})
+                overrides["hu_window"] = tuple(hu_window)
+            if noise_stats is not None:
+                overrides["noise_stats"] = noise_stats
+            if overrides:
+                cfg = replace(cfg, model_overrides=overrides)
             if members is not None:
                 if not 1 <= members <= len(cfg.members):
                     raise click.BadParameter(f"1 to {len(cfg.members)}", param_hint="--members")
@@ -198,7 +209,14 @@ def fit(
     show_default=True,
     help="Dose and sparse-view monotonicity ladders on held-out anatomy.",
 )
-@click.option("--ladder-size", type=int, default=512, show_default=True)
+@click.option(
+    "--ladder-size",
+    type=int,
+    multiple=True,
+    default=(512,),
+    show_default=True,
+    help="Ladder matrix size (repeatable: 512 is the service's grid, 256 the training grid).",
+)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder.")
 @click.option(
     "--notes",
@@ -218,7 +236,7 @@ def evaluate(
     runs: str | None,
     split: str,
     ladder: bool,
-    ladder_size: int,
+    ladder_size: tuple[int, ...],
     out: str,
     notes: str | None,
     device: str | None,
@@ -244,7 +262,7 @@ def evaluate(
         runs=Path(runs) if runs else None,
         split=split,
         ladder=ladder,
-        ladder_size=ladder_size,
+        ladder_size=tuple(ladder_size),
         device=device,
         notes=Path(notes) if notes else None,
     )

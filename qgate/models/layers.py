@@ -14,7 +14,15 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-__all__ = ["AlignGeometry", "ChannelAttention", "DeformAlign", "LayerNorm2d", "align_geometry"]
+__all__ = [
+    "AlignGeometry",
+    "ChannelAttention",
+    "DeformAlign",
+    "LayerNorm2d",
+    "StatNorm",
+    "align_geometry",
+    "texture_log_energy",
+]
 
 
 @dataclass(frozen=True)
@@ -133,3 +141,41 @@ class ChannelAttention(nn.Module):
         out = (attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, h * w, c)
         t = t + self.proj(out)
         return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+def texture_log_energy(conv: nn.Conv2d, x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Native-scale texture statistics that normalisation layers would divide out.
+
+    ``conv`` (a model's first conv, with its learnt filters) is applied, with no norm
+    after it, to ``x`` minus its 3 x 3 local mean (the fine texture: noise, thin streaks,
+    edges; not the grey level, which would swamp it). Per output channel: the mean of
+    log(h^2 + 1e-6) over the pixels where ``inside`` (B, 1, H, W), resized to the conv's
+    output grid by area, is >= 0.5 (all pixels where none is). Returns (B, out_channels),
+    float32. The dose of a CT slice is a global noise amplitude: Instance/LayerNorm
+    remove exactly that from every feature, these statistics keep it.
+    """
+    fine = x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    h = conv(fine).float()
+    m = inside.float()
+    if m.shape[-2:] != h.shape[-2:]:
+        m = (F.adaptive_avg_pool2d(m, h.shape[-2:]) >= 0.5).float()
+    n = m.sum(dim=(-2, -1))
+    m = torch.where(n[..., None, None] > 0, m, torch.ones_like(m))
+    e = torch.log(h * h + 1e-6)
+    return (e * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
+
+
+class StatNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` for the texture statistics that also takes a batch of one.
+
+    A one-sample batch (e.g. the last batch of a fine-tune) has no batch variance: it is
+    normalised with the running statistics instead, training or not. Same parameters and
+    buffers as ``BatchNorm1d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)

@@ -23,7 +23,23 @@ OUR choices (the paper is silent; each is a config field):
   affine remapping is needed and the MSE is taken against the raw SSIM map. CT SSIM maps
   lie almost entirely in [0, 1] (display range); a map value of 1 (identical to full
   dose) is approached but never reached.
-- Dose head: global average pool of the bottleneck -> Linear(width[-1], 5), no dropout.
+- Input at the slice's own pixel grid (``N2QInputConfig.size=None``): no resize, so
+  the noise texture reaches the network at full strength; training on native crops
+  (the map is local), serving on the whole slice (the U-Net is fully convolutional).
+- Noise statistics (``noise_stats``, default on): the dose level is a *global noise
+  amplitude*, and every InstanceNorm divides it out of the features (the first version's
+  dose head, fed only the pooled bottleneck, stayed at chance). So the first conv of
+  level 0 is also applied, with no norm after it, to the input minus its 3 x 3 local
+  mean (the fine texture): per channel, the mean over the in-window pixels (the image
+  channel strictly inside (0, 1)) of log(h^2 + 1e-6), i.e. the log energy of that
+  native-scale filter on soft tissue (:func:`qgate.models.layers.texture_log_energy`),
+  standardised by a BatchNorm1d (:class:`qgate.models.layers.StatNorm`). That vector
+  (width[0]) is concatenated to the pooled bottleneck for the dose head, and projected
+  (Linear, zero-initialised) to a per-channel bias on the last decoder features, so the
+  map also knows the slice's noise level.
+  ``noise_stats=False`` is the paper's head alone.
+- Dose head: global average pool of the bottleneck (+ the noise statistics) ->
+  Linear(width[-1] (+ width[0]), 5), no dropout.
 
 Entry points: ``n2q_small`` (the paper's widths, 1.97 M parameters, 7.9 MB in float32;
 3.5 GMAC per 256 x 256 slice) and ``n2q_tiny`` (base width 8, 0.49 M, 2.0 MB; 0.88 GMAC),
@@ -42,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgate.models._registry import register_model
+from qgate.models.layers import StatNorm, texture_log_energy
 from qgate.models.preprocess import (
     ArrayLike,
     N2QInputConfig,
@@ -87,6 +104,9 @@ class N2QConfig:
         SSIM the untrained map starts at (ours: 0.5, mid-range of CT SSIM maps).
     map_loss : {"mse", "l1"}
         Map loss (paper: MSE; the notebook used L1).
+    noise_stats : bool
+        Native-scale noise statistics for the dose head and the map (ours; see the
+        module docstring). ``False``: the paper's pooled-bottleneck head only.
     input : N2QInputConfig
         Preprocessing; decides the number of input channels.
     """
@@ -99,6 +119,7 @@ class N2QConfig:
     alpha: float = 0.01
     init_quality: float = 0.5
     map_loss: Literal["mse", "l1"] = "mse"
+    noise_stats: bool = True
     input: N2QInputConfig = field(default_factory=N2QInputConfig)
 
     def __post_init__(self) -> None:
@@ -194,8 +215,16 @@ class N2QNet(nn.Module):
             DoubleConv(w[i] + w[i + 1], w[i], dropout=cfg.dropout, **blk) for i in range(n - 1)
         )
         self.map_head = nn.Conv2d(w[0], 1, 1)
-        self.dose_head = nn.Linear(w[-1], cfg.num_classes)
+        self.dose_head = nn.Linear(self._dose_features, cfg.num_classes)
+        # Standardised across the batch (running statistics when serving): the raw log
+        # energies sit near -8 and differ by a few units between dose levels.
+        self.noise_norm = StatNorm(w[0]) if cfg.noise_stats else None
+        self.noise_to_map = nn.Linear(w[0], w[0]) if cfg.noise_stats else None
         self._init_weights()
+
+    @property
+    def _dose_features(self) -> int:
+        return self.cfg.widths[-1] + (self.cfg.widths[0] if self.cfg.noise_stats else 0)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -209,6 +238,9 @@ class N2QNet(nn.Module):
         # learn the image dependence instead of spending themselves on the offset.
         nn.init.normal_(self.map_head.weight, std=1e-2)
         nn.init.constant_(self.map_head.bias, math.atanh(self.cfg.init_quality))
+        if self.noise_to_map is not None:  # starts as the plain U-Net
+            nn.init.zeros_(self.noise_to_map.weight)
+            nn.init.zeros_(self.noise_to_map.bias)
 
     @property
     def data_config(self) -> N2QInputConfig:
@@ -224,22 +256,39 @@ class N2QNet(nn.Module):
             feats.append(x)
         return feats
 
-    def forward_head(self, feats: list[torch.Tensor]) -> N2QOutput:
+    def noise_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) input -> (B, width[0]) log energy of level 0's first conv, before
+        its norm, over the in-window pixels (see the module docstring)."""
+        img = x[:, :1]
+        stats = texture_log_energy(self.encoder[0][0], x, (img > 0.0) & (img < 1.0))
+        return self.noise_norm(stats) if self.noise_norm is not None else stats
+
+    def forward_head(
+        self, feats: list[torch.Tensor], stats: torch.Tensor | None = None
+    ) -> N2QOutput:
         bottleneck = feats[-1]
-        dose_logits = self.dose_head(bottleneck.mean(dim=(-2, -1)))
+        pooled = bottleneck.mean(dim=(-2, -1))
+        if self.cfg.noise_stats:
+            if stats is None:
+                raise ValueError("this model needs noise_stats(x): call forward(x)")
+            pooled = torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
+        dose_logits = self.dose_head(pooled)
         x = bottleneck
         for i in range(len(feats) - 2, -1, -1):
             skip = feats[i]
             up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = self.decoder[i](torch.cat([skip, up], dim=1))
+        if self.noise_to_map is not None and stats is not None:
+            x = x + self.noise_to_map(stats.to(x.dtype))[..., None, None]
         return N2QOutput(torch.tanh(self.map_head(x)), dose_logits)
 
     def forward(self, x: torch.Tensor) -> N2QOutput:
-        return self.forward_head(self.forward_features(x))
+        stats = self.noise_stats(x) if self.cfg.noise_stats else None
+        return self.forward_head(self.forward_features(x), stats)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the dose head (e.g. for other dose levels)."""
-        self.dose_head = nn.Linear(self.cfg.widths[-1], num_classes)
+        self.dose_head = nn.Linear(self._dose_features, num_classes)
 
     def loss(
         self, out: N2QOutput, targets: N2QTargets
@@ -333,6 +382,7 @@ def predict_n2q(
     map_size : {"input", "model"}
         Grid of the returned maps and of the averaging: the input grid (the map is
         bilinearly upsampled) or the model's (the mask is area-resized, kept >= 0.5).
+        With a native-grid model (``input.size=None``) both are the input grid.
     return_maps : bool
         ``False`` saves memory when only the summary values are needed.
     """
@@ -354,7 +404,8 @@ def predict_n2q(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     n, h, w = hu_t.shape
-    out_hw = (h, w) if map_size == "input" else (model.cfg.input.size,) * 2
+    size = model.cfg.input.size
+    out_hw = (h, w) if map_size == "input" or size is None else (size, size)
     maps: list[np.ndarray] = []
     sums = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)

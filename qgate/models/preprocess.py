@@ -258,13 +258,17 @@ class N2QInputConfig:
     ----------
     window_center, window_width : float
         HU window mapped to [0, 1] (public notebook: C 40 / W 300).
-    size : int
-        Square model input (notebook: 256).
+    size : int or None
+        ``None`` (OUR default): no resampling, the slice at its own pixel grid, so the
+        noise texture the SSIM map and the dose class depend on reaches the network at
+        full strength (the notebook resized to 256, which averages 512-pixel noise down
+        about 2x and mixes the pixel scale into the labels). An int: square input of that
+        size (anti-aliased resize; the notebook's 256).
     highpass : bool
         Add the high-pass channel (the paper's 2-channel input; ``False`` is the
         "U-Net without HPF" ablation).
     highpass_sigma : float
-        Blur of the high-pass, in pixels of the resized image. OUR choice: 1.0, close to
+        Blur of the high-pass, in pixels of the model input. OUR choice: 1.0, close to
         the 5-tap pyramid kernel; the paper does not give it.
     highpass_factor : int
         Down/up-sampling factor of the high-pass (one pyramid level: 2).
@@ -272,7 +276,7 @@ class N2QInputConfig:
 
     window_center: float = 40.0
     window_width: float = 300.0
-    size: int = 256
+    size: int | None = None
     highpass: bool = True
     highpass_sigma: float = 1.0
     highpass_factor: int = 2
@@ -280,8 +284,8 @@ class N2QInputConfig:
     def __post_init__(self) -> None:
         if self.window_width <= 0:
             raise ValueError(f"window_width must be > 0, got {self.window_width}")
-        if self.size < 16:
-            raise ValueError(f"size must be >= 16, got {self.size}")
+        if self.size is not None and self.size < 16:
+            raise ValueError(f"size must be None or >= 16, got {self.size}")
 
     @property
     def in_chans(self) -> int:
@@ -289,18 +293,22 @@ class N2QInputConfig:
 
 
 def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
-    """HU slices (S, H, W) or (H, W) -> model input (S, C, size, size), float32.
+    """HU slices (S, H, W) or (H, W) -> model input (S, C, H', W'), float32.
 
-    Order: window to [0, 1] (clipped), resize to ``size`` (anti-aliased bilinear), then
-    the high-pass of the resized windowed image as channel 1 — the image and its
-    high-pass live on the same grid as the predicted SSIM map. Runs on ``hu``'s device.
+    Order: window to [0, 1] (clipped), resize to ``size`` when set (anti-aliased
+    bilinear; ``None`` keeps the native grid, H' = H), then the high-pass of the windowed
+    image as channel 1 — the image and its high-pass live on the same grid as the
+    predicted SSIM map. Runs on ``hu``'s device.
     """
     t = as_tensor(hu)
     if t.ndim == 2:
         t = t[None]
     if t.ndim != 3:
         raise ValueError(f"hu must be (slices, rows, cols), got shape {tuple(t.shape)}")
-    img = resize2d(window(t, cfg.window_center, cfg.window_width), cfg.size)[:, None]
+    img = window(t, cfg.window_center, cfg.window_width)
+    if cfg.size is not None:
+        img = resize2d(img, cfg.size)
+    img = img[:, None]
     if not cfg.highpass:
         return img.contiguous()
     hp = high_pass(img, sigma=cfg.highpass_sigma, factor=cfg.highpass_factor)

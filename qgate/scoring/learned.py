@@ -30,8 +30,10 @@ Serving
   Chest CT-IQA's quality module (a 4-term linear fit) is evaluated in fp32 either way.
 - Everything under ``torch.inference_mode`` (:func:`qgate.models.preprocess.inference_context`),
   in batches of ``config.batch_size`` slices.
-- Preprocessing is the models' own, shared with training: :func:`qgate.models.mdiqa_preprocess`
-  with :func:`qgate.models.mdiqa.resolve_data_config`, and inside
+- Preprocessing is the models' own, shared with training: :func:`qgate.models.mdiqa.mdiqa_crops`
+  (native-resolution crops on the body, two windows) with
+  :func:`qgate.models.mdiqa.resolve_data_config`, the crops' distributions pooled by
+  :func:`qgate.models.mdiqa.pool_crop_logits`; and inside
   :func:`qgate.models.predict_n2q` / :func:`qgate.models.predict_chestiqa`
   (``prepare_n2q_input``, ``prepare_chest_input``), run on the model's device.
 
@@ -50,17 +52,20 @@ Outputs
 -------
 ``mdiqa`` (scores 0-4, higher is better):
     ``score``: mean over the scored slices of the soft read-out (the expectation of each
-    scale's distribution, averaged over the K scales); ``score_argmax``: the same with the
+    scale's distribution, averaged over the K scales; a slice's distribution is the mean
+    over its ``n_crops`` native-resolution crops); ``score_argmax``: the same with the
     paper's argmax read-out; ``slices_scored``. Per slice: ``slice_scores``,
     ``slice_scores_argmax``.
 ``n2q``:
     ``mean_quality``: mean predicted SSIM (against full dose) over the body pixels of the
     scored slices (body mask: :func:`qgate.scoring.body.body_mask`, on the model's
-    256 x 256 grid); ``dose_class``: the dose level (percent of routine dose) with the
-    highest mean probability over the scored slices that hold body; ``slices_scored``.
-    Per slice: ``mean_quality``. Map ``quality``: predicted SSIM on the model's grid
-    (the whole slice resized, so map pixel spacing = image spacing x rows / 256), display
-    range 0-1, higher is better.
+    grid); ``dose_class``: the dose level (percent of routine dose) with the highest mean
+    probability over the scored slices that hold body; ``slices_scored``. Per slice:
+    ``mean_quality``. Map ``quality``: predicted SSIM on the model's grid, display range
+    0-1, higher is better. The shipped model reads the slice at its own pixel grid (no
+    resize: ``N2QInputConfig.size=None``), so the map has the image's rows and columns
+    and pixel spacing; a model trained with a fixed ``size`` gives maps of that size
+    (map pixel spacing = image spacing x rows / size).
 ``chestiqa``:
     ``window_class`` (``soft_tissue``/``lung``), ``dose_class`` (``low``/``high``),
     ``snr``, ``brisque``, ``score`` (the linear quality module, a clinician-like 1-10
@@ -372,7 +377,7 @@ class MDIQAScorer(_LearnedScorer):
         """(soft, argmax) scores of HU slices (S, H, W), batched on the model's device."""
         import torch
 
-        from qgate.models.mdiqa import mdiqa_preprocess, predict_argmax, predict_soft
+        from qgate.models.mdiqa import mdiqa_crops, pool_crop_logits, predict_argmax, predict_soft
         from qgate.models.preprocess import device_layout, inference_context
 
         bs = self.config.batch_size
@@ -382,8 +387,11 @@ class MDIQAScorer(_LearnedScorer):
         with inference_context(self.device, amp=self.cuda_amp), self._cpu_autocast():
             for s in range(0, len(hu), bs):
                 batch = torch.from_numpy(np.ascontiguousarray(hu[s : s + bs], np.float32))
-                x = mdiqa_preprocess(batch.to(self.device, non_blocking=True), self.data_config)
-                logits = self.model(device_layout(x)).float()
+                # (b, n, C, S, S): the slice's native-resolution crops (training's policy).
+                crops = mdiqa_crops(batch.to(self.device, non_blocking=True), self.data_config)
+                b, n = crops.shape[:2]
+                flat = self.model(device_layout(crops.flatten(0, 1))).float()
+                logits = pool_crop_logits(flat.view(b, n, *flat.shape[1:]))
                 soft.append(predict_soft(logits, max_score).cpu())
                 hard.append(predict_argmax(logits, max_score).cpu())
         return torch.cat(soft).numpy(), torch.cat(hard).numpy()

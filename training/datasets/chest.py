@@ -32,7 +32,7 @@ balanced. Also ``samples.jsonl`` and ``manifest.json``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,8 @@ from training.datasets.common import (
     sample_seed,
     source_slices,
     split_counts,
-    write_jsonl,
+    write_build,
 )
-from training.datasets.mdiqa import _sources_doc
 
 Progress = Callable[[int], None]
 
@@ -216,19 +215,15 @@ def build_chest(
                 if progress:
                     progress(1)
     writer.close()
-    write_jsonl(root / "samples.jsonl", records)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["split"]] = counts.get(r["split"], 0) + 1
-    manifest = Manifest(
+    return write_build(
+        root,
         task="chest",
-        seed=cfg.seed,
-        n_samples=count,
-        params=asdict(cfg),
-        scanner={str(k): s.params.to_dict() for k, s in sims.items()},
-        sources=_sources_doc(sources, patients),
+        cfg=cfg,
+        sims=sims,
+        sources=sources,
+        patients=patients,
         splits=splits,
-        counts=counts,
+        records=records,
         labels={
             "window_class": {
                 "0": "soft: smooth kernel, C40/W400",
@@ -249,5 +244,3 @@ def build_chest(
         },
         files={"shards": writer.files, "samples": "samples.jsonl"},
     )
-    manifest.write(root)
-    return manifest

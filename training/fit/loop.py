@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from training.fit.common import RunDir, RunState, Timer
 
-__all__ = ["LoopHooks", "cosine_schedule", "run_epochs"]
+__all__ = ["LoopHooks", "cosine_schedule", "lower_is_better", "run_epochs", "train_to_best"]
 
 
 def cosine_schedule(
@@ -116,3 +117,66 @@ def run_epochs(
             + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
         )
     return state
+
+
+def lower_is_better(key: str) -> Callable[[dict[str, float]], float]:
+    """A :attr:`LoopHooks.score` that picks the epoch with the lowest ``row[key]``."""
+
+    def score(row: dict[str, float]) -> float:
+        v = row.get(key, math.nan)
+        return -v if math.isfinite(v) else -math.inf
+
+    return score
+
+
+def train_to_best(
+    run: RunDir,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hooks: tuple[
+        Callable[[int], Iterable[Any]],
+        Callable[[Any, int], dict[str, float]],
+        Callable[[], dict[str, float]],
+    ],
+    *,
+    epochs: int,
+    resume: bool,
+    monitor: str,
+    steps_per_epoch: int,
+    best_path: Path,
+    export: dict[str, Any],
+) -> tuple[nn.Module, dict[str, float]]:
+    """The single-model loop of Noise2Quality and Chest CT-IQA.
+
+    ``hooks`` = (batches, step, validate) as in :class:`LoopHooks`. Trains to ``epochs``,
+    keeps the epoch with the lowest ``monitor`` (written to ``best_path`` by
+    :func:`training.fit.export.save_weights` with ``export``: ``name``, ``training``,
+    ``overrides``), then reloads it. Returns the best model (on the training device)
+    and its history row.
+    """
+    from training.fit.export import load_weights, save_weights
+
+    batches, step, validate = hooks
+    score = lower_is_better(monitor)
+    loop = LoopHooks(
+        batches=batches,
+        step=step,
+        validate=validate,
+        score=score,
+        on_best=lambda: save_weights(model, best_path, **export),
+        steps_per_epoch=steps_per_epoch,
+    )
+    state = run_epochs(
+        run,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=epochs,
+        hooks=loop,
+        resume=resume,
+        desc=str(export.get("name", "train")).split("_")[0],
+    )
+    best = load_weights(best_path, device=next(model.parameters()).device)
+    best_row = max(state.history, key=score) if state.history else {}
+    return best, best_row

@@ -48,7 +48,12 @@ from qgate.models.losses_mdiqa import (
     joint_loss,
     supervised_loss,
 )
-from qgate.models.mdiqa import predict_argmax, predict_soft, resolve_data_config
+from qgate.models.mdiqa import (
+    pool_crop_logits,
+    predict_argmax,
+    predict_soft,
+    resolve_data_config,
+)
 from training.ema import ModelEMA
 from training.fit.common import RunDir, autocast, resolve_device, seed_everything
 from training.fit.data import (
@@ -127,14 +132,22 @@ class MdiqaFitConfig:
 def predict_logits(
     model: MDIQA, x: torch.Tensor, *, batch_size: int = 64, amp: bool = True
 ) -> torch.Tensor:
-    """(N, K, P) float32 logits on CPU for preprocessed inputs ``x`` (N, C, S, S)."""
+    """(N, K, P) float32 logits on CPU for preprocessed inputs ``x``: (N, C, S, S), one
+    input per slice, or (N, n, C, S, S), a slice's crops (:func:`mdiqa_crops`), whose
+    distributions are pooled as the worker pools them (:func:`pool_crop_logits`)."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
+    per = max(1, batch_size // x.shape[1]) if x.ndim == 5 else batch_size
+    for i in range(0, len(x), per):
+        xb = x[i : i + per].to(device)
         with autocast(device, amp):
-            out.append(model(x[i : i + batch_size].to(device)).float().cpu())
+            if xb.ndim == 5:
+                flat = model(xb.flatten(0, 1)).float()
+                out.append(pool_crop_logits(flat.view(*xb.shape[:2], *flat.shape[1:])).cpu())
+            else:
+                out.append(model(xb).float().cpu())
     model.train(was)
     if not out:
         k, p = model.cfg.num_scales, model.cfg.num_bins
@@ -145,7 +158,7 @@ def predict_logits(
 def _val_metrics(
     model: MDIQA, data: MdiqaSplit, amp: bool, prefix: str = "val"
 ) -> dict[str, float]:
-    logits = predict_logits(model, data.x, amp=amp)
+    logits = predict_logits(model, data.scored, amp=amp)
     ok = torch.isfinite(data.y)
     if not ok.any():
         return {}
@@ -172,7 +185,7 @@ def _nan_low(v: float) -> float:
 # ------------------------------------------------------------------------ one run
 @dataclass
 class _Unlabelled:
-    x: torch.Tensor
+    data: MdiqaSplit
     pseudo: torch.Tensor  # (N,) scores or (N, K, P) distributions
 
 
@@ -221,14 +234,16 @@ def _run(
     def batches(epoch: int) -> list[tuple[torch.Tensor, ...]]:
         g = epoch_generator(seed, epoch)
         out = []
+        size = model.cfg.img_size
         for idx in epoch_batches(len(labelled), cfg.batch_size, g):
             i = labelled[idx]
-            x = flip_rot(train.x[i], g) if cfg.augment else train.x[i]
+            x = train.random_crops(i, g, size)  # the same crop frame as serving
+            x = flip_rot(x, g) if cfg.augment else x
             if unlabelled is None:
                 out.append((x, train.y[i]))
                 continue
-            j = torch.randint(0, len(unlabelled.x), (cfg.unlabelled_batch_size,), generator=g)
-            xu = unlabelled.x[j]
+            j = torch.randint(0, len(unlabelled.data), (cfg.unlabelled_batch_size,), generator=g)
+            xu = unlabelled.data.random_crops(j, g, size)
             xs = flip_rot(xu, g) if cfg.augment else xu
             xt = flip_rot(xu, g) if cfg.augment else xu
             out.append((x, train.y[i], xs, xt, unlabelled.pseudo[j]))
@@ -307,7 +322,7 @@ def _run(
         desc=desc,
     )
     best = load_mdiqa(best_path, device=device)
-    val_logits = predict_logits(best, val.x, amp=cfg.amp)
+    val_logits = predict_logits(best, val.scored, amp=cfg.amp)
     soft = predict_soft(val_logits, best.cfg.max_score)
     ok = torch.isfinite(val.y)
     scatter_chart(
@@ -411,7 +426,7 @@ def fit_mdiqa(
             seed=cfg.seed + 100,
             resume=resume,
             ema_decay=cfg.ema_decay,
-            unlabelled=_Unlabelled(unl.x, pseudo),
+            unlabelled=_Unlabelled(unl, pseudo),
             desc="joint",
             record={"stage": "joint", "init": str(member_paths[0])},
         )
@@ -476,7 +491,7 @@ def _make_pseudo(
     if len(unl) == 0:
         raise ValueError("the dataset has no unlabelled split (build with --unlabelled 0.3)")
     logits = [
-        predict_logits(load_mdiqa(p, device=device), unl.x, amp=cfg.amp) for p in member_paths
+        predict_logits(load_mdiqa(p, device=device), unl.scored, amp=cfg.amp) for p in member_paths
     ]
     scores, dists = ensemble_pseudo_labels(logits)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
 """Noise2Quality training: MSE on the SSIM map + alpha CE on the dose class (paper eq. 1).
 
 Inputs are made from the stored HU slices with the service's own preprocessing
-(:func:`qgate.models.preprocess.prepare_n2q_input`: window C40/W300, resize, high-pass),
+(:func:`qgate.models.preprocess.prepare_n2q_input`: window C40/W300, high-pass, at the
+stored grid: no resize, the slices were simulated at that grid, so the noise is native),
 so what the model learns on is what it is served. Targets: the stored SSIM map and dose
 class.
 
-OUR choices (:class:`N2QFitConfig`): random square crops (``crop``) for all but the last
-``full_epochs`` epochs - the map is local, and a 128 crop costs a quarter of a 256 slice;
-the last epochs see whole slices so the instance norms settle on whole-slice statistics;
-random flips and 90-degree rotations of input and target together (the high-pass is
-computed on the whole slice first, as in serving). Adam(W) lr 2e-4, weight decay 1e-5
-(paper), cosine schedule; the map's output bias starts at the training targets' mean.
+OUR choices (:class:`N2QFitConfig`): random native-resolution square crops (``crop``) for
+all but the last ``full_epochs`` epochs - the map is local, and a 128 crop costs a
+quarter of a 256 slice; the last epochs see whole slices so the instance norms settle on
+whole-slice statistics, as served; random flips and 90-degree rotations of input and
+target together (the high-pass is computed on the whole slice first, as in serving).
+Adam(W) lr 2e-4, weight decay 1e-5 (paper), cosine schedule; the map's output bias starts
+at the training targets' mean.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from qgate.models.n2q import N2QTargets
 from qgate.models.preprocess import N2QInputConfig, prepare_n2q_input
 from training.fit.common import RunDir, autocast, resolve_device, seed_everything
 from training.fit.data import epoch_batches, epoch_generator, steps_per_epoch
-from training.fit.export import save_weights
-from training.fit.loop import LoopHooks, cosine_schedule, run_epochs
+from training.fit.loop import cosine_schedule, train_to_best
 from training.metrics import classification, map_metrics
 from training.plots import scatter_chart
 
@@ -56,6 +57,9 @@ class N2QFitConfig:
     amp: bool = True
     device: str | None = None
     max_train: int | None = None
+    # The dose head learns at lr x this (ours): Adam moves a weight ~lr per step, and at
+    # 2e-4 the head would need thousands of steps to reach logit gaps of a few units.
+    dose_lr_mult: float = 10.0
 
     @property
     def model_name(self) -> str:
@@ -152,8 +156,8 @@ def fit_n2q(
     manifest = read_manifest(data)
     size = int(manifest["params"]["size"])
     overrides: dict[str, Any] = {}
-    if size != N2QInputConfig().size or not cfg.highpass:
-        overrides["input"] = N2QInputConfig(size=size, highpass=cfg.highpass)
+    if not cfg.highpass:
+        overrides["input"] = N2QInputConfig(highpass=False)
     seed_everything(cfg.seed)
     model = create_model(cfg.model_name, **overrides)
     assert isinstance(model, N2QNet)
@@ -169,7 +173,12 @@ def fit_n2q(
         mean_q = float(train.ssim.float().mean().clamp(-0.99, 0.99)) if len(train) else 0.5
         model.map_head.bias.fill_(math.atanh(mean_q))
     spe = steps_per_epoch(len(train), cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = {id(p) for p in model.dose_head.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in head], "lr": cfg.lr},
+        {"params": list(model.dose_head.parameters()), "lr": cfg.lr * cfg.dose_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = cosine_schedule(opt, spe * cfg.epochs, round(cfg.warmup_epochs * spe))
     record = {"stage": "n2q", "data": str(data), "overrides": list(overrides)}
 
@@ -215,33 +224,19 @@ def fit_n2q(
             "val_dose_acc": acc,
         }
 
-    def score(row: dict[str, float]) -> float:
-        v = row.get("val_map_mse", math.nan)
-        return -v if math.isfinite(v) else -math.inf
-
-    hooks = LoopHooks(
-        batches=batches,
-        step=step,
-        validate=validate,
-        score=score,
-        on_best=lambda: save_weights(
-            model, best_path, name=cfg.model_name, training=record, overrides=overrides
-        ),
-        steps_per_epoch=spe,
-    )
-    state = run_epochs(
+    best, best_row = train_to_best(
         run,
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
+        model,
+        opt,
+        sched,
+        (batches, step, validate),
         epochs=cfg.epochs,
-        hooks=hooks,
         resume=resume,
-        desc="n2q",
+        monitor="val_map_mse",
+        steps_per_epoch=spe,
+        best_path=best_path,
+        export={"name": cfg.model_name, "training": record, "overrides": overrides},
     )
-    from training.fit.export import load_weights
-
-    best = load_weights(best_path, device=device)
     assert isinstance(best, N2QNet)
     maps, _ = (
         predict_n2q_batch(best, val, amp=cfg.amp) if len(val) else (torch.empty(0, 1, 1), None)
@@ -253,7 +248,6 @@ def fit_n2q(
         xlabel="true mean SSIM",
         ylabel="predicted mean SSIM",
     )
-    best_row = max(state.history, key=score) if state.history else {}
     summary = {"best": best_row, "weights": str(best_path), "overrides": list(overrides)}
     run.finish(summary, cfg.epochs)
     return summary
