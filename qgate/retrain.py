@@ -216,11 +216,21 @@ def _unreviewed(session: Session, cfg: RetrainConfig, reviewed: set[str]) -> lis
 
 
 def _inputs(model: MDIQA, hu: np.ndarray) -> torch.Tensor:
+    """HU slices -> the crops the worker scores them from, (N, n, C, S, S)."""
     import torch
 
-    from qgate.models.mdiqa import mdiqa_preprocess, resolve_data_config
+    from qgate.models.mdiqa import mdiqa_crops, resolve_data_config
 
-    return mdiqa_preprocess(torch.from_numpy(hu), resolve_data_config(model))
+    return mdiqa_crops(torch.from_numpy(hu), resolve_data_config(model))
+
+
+def _slice_logits(model: MDIQA, crops: torch.Tensor) -> torch.Tensor:
+    """Crops (b, n, C, S, S) -> pooled slice log-distributions, as the worker pools them."""
+    from qgate.models.mdiqa import pool_crop_logits
+
+    b, n = crops.shape[:2]
+    flat = model(crops.flatten(0, 1)).float()
+    return pool_crop_logits(flat.view(b, n, *flat.shape[1:]))
 
 
 def _predict(model: MDIQA, x: torch.Tensor, batch: int = 16) -> np.ndarray:
@@ -232,7 +242,7 @@ def _predict(model: MDIQA, x: torch.Tensor, batch: int = 16) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for s in range(0, len(x), batch):
-            out.append(predict_soft(model(x[s : s + batch]).float(), model.cfg.max_score))
+            out.append(predict_soft(_slice_logits(model, x[s : s + batch]), model.cfg.max_score))
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -247,9 +257,18 @@ def _pseudo_labels(model: MDIQA, x: torch.Tensor, batch: int = 16) -> torch.Tens
     with torch.inference_mode():
         for s in range(0, len(x), batch):
             xb = x[s : s + batch]
-            scores, _ = ensemble_pseudo_labels([model(xb), model(xb.flip(-1))], model.cfg.max_score)
+            views = [_slice_logits(model, xb), _slice_logits(model, xb.flip(-1))]
+            scores, _ = ensemble_pseudo_labels(views, model.cfg.max_score)
             out.append(scores)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _one_crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One of each slice's serving crops, drawn at random: (b, n, ...) -> (b, ...)."""
+    import torch
+
+    pick = torch.randint(x.shape[1], (x.shape[0],), generator=g)
+    return x[torch.arange(x.shape[0]), pick]
 
 
 def fine_tune(
@@ -262,7 +281,10 @@ def fine_tune(
     y_pseudo: torch.Tensor | None = None,
 ) -> dict[str, list[float]]:
     """A few epochs of the supervised (+ pseudo-label) loss, in place. Returns the loss
-    curves: each step's supervised loss (``sup``) and pseudo-label loss (``pseudo``)."""
+    curves: each step's supervised loss (``sup``) and pseudo-label loss (``pseudo``).
+
+    ``x`` and ``x_unlabelled`` are the worker's crops, (N, n, C, S, S); each step trains
+    on one crop per slice drawn at random (training's policy, in the serving frame)."""
     import torch
 
     from qgate.models.losses_mdiqa import pseudo_label_loss, supervised_loss
@@ -277,13 +299,14 @@ def fine_tune(
         order = torch.randperm(len(x), generator=g)
         for s in range(0, len(x), cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
-            parts = supervised_loss(model(x[idx]), y[idx], model.cfg)
+            parts = supervised_loss(model(_one_crop(x[idx], g)), y[idx], model.cfg)
             loss = parts.total
             curves["sup"].append(float(parts.total.detach()))
             if has_u and cfg.pseudo_label_weight > 0:
                 assert x_unlabelled is not None and y_pseudo is not None
                 uidx = torch.randint(len(x_unlabelled), (len(idx),), generator=g)
-                pse = pseudo_label_loss(model(x_unlabelled[uidx]), y_pseudo[uidx], model.cfg)
+                xu = _one_crop(x_unlabelled[uidx], g)
+                pse = pseudo_label_loss(model(xu), y_pseudo[uidx], model.cfg)
                 loss = loss + cfg.pseudo_label_weight * pse.total
                 curves.setdefault("pseudo", []).append(float(pse.total.detach()))
             opt.zero_grad(set_to_none=True)
@@ -574,11 +597,13 @@ def _run(
         dc = resolve_data_config(current)
         sim_train = load_mdiqa_split(cfg.simulated_dir, "train", dc)
         sim_test = load_mdiqa_split(cfg.simulated_dir, "test", dc)
+        # The serving crops of each slice, as for the reviewed series (_inputs).
+        assert sim_train.crops is not None and sim_test.crops is not None
         ok = torch.isfinite(sim_train.y)
-        x_train = torch.cat([x_train, sim_train.x[ok]])
+        x_train = torch.cat([x_train, sim_train.crops[ok]])
         y_train = torch.cat([y_train, sim_train.y[ok]])
         ok_t = torch.isfinite(sim_test.y)
-        test_x += [x[None] for x in sim_test.x[ok_t]]
+        test_x += [x[None] for x in sim_test.crops[ok_t]]
         test_y += [float(v) for v in sim_test.y[ok_t]]
         data["simulated"] = {
             "dir": str(cfg.simulated_dir),
