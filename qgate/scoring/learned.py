@@ -296,19 +296,26 @@ def _config_dict(config: LearnedScorerConfig) -> dict[str, object]:
 
 
 class _LearnedScorer:
-    """Shared set-up: device, weights file, model, version."""
+    """Shared set-up: config, device, weights file, model, version; then :meth:`_setup`."""
 
     name: str
     family: Family
+    config_type: type[LearnedScorerConfig] = LearnedScorerConfig
 
-    def __init__(self, config: LearnedScorerConfig, device: DeviceName | str) -> None:
-        self.config = config
+    def __init__(
+        self, config: LearnedScorerConfig | None = None, *, device: DeviceName | str = "auto"
+    ) -> None:
+        self.config = config or self.config_type()
         self.device = resolve_device(device)
-        self.weights_path = Path(config.weights or default_weights_path(self.family))
+        self.weights_path = Path(self.config.weights or default_weights_path(self.family))
         self.model = load_model(
-            self.family, self.weights_path, variant=config.variant, device=self.device
+            self.family, self.weights_path, variant=self.config.variant, device=self.device
         )
         self.version = f"{_VERSION}+{_sha256(self.weights_path)[:12]}"
+        self._setup()
+
+    def _setup(self) -> None:
+        """A scorer's own set-up once its model is loaded."""
 
     @property
     def cuda_amp(self) -> bool:
@@ -360,12 +367,10 @@ class MDIQAScorer(_LearnedScorer):
     name = "mdiqa"
     family: Family = "mdiqa"
     version = _VERSION
+    config_type = SliceScorerConfig
+    config: SliceScorerConfig
 
-    def __init__(
-        self, config: SliceScorerConfig | None = None, *, device: DeviceName | str = "auto"
-    ) -> None:
-        super().__init__(config or SliceScorerConfig(), device)
-        self.config: SliceScorerConfig
+    def _setup(self) -> None:
         from qgate.models.mdiqa import resolve_data_config
 
         self.mdiqa: MDIQA = self.model  # type: ignore[assignment]
@@ -427,12 +432,10 @@ class N2QScorer(_LearnedScorer):
     name = "n2q"
     family: Family = "n2q"
     version = _VERSION
+    config_type = SliceScorerConfig
+    config: SliceScorerConfig
 
-    def __init__(
-        self, config: SliceScorerConfig | None = None, *, device: DeviceName | str = "auto"
-    ) -> None:
-        super().__init__(config or SliceScorerConfig(), device)
-        self.config: SliceScorerConfig
+    def _setup(self) -> None:
         self.n2q: N2QNet = self.model  # type: ignore[assignment]
         # predict_n2q makes it channels_last on CUDA; on CPU oneDNN is faster with it too.
         self.model.to(memory_format=_channels_last())
@@ -502,10 +505,7 @@ class ChestIQAScorer(_LearnedScorer):
     family: Family = "chestiqa"
     version = _VERSION
 
-    def __init__(
-        self, config: LearnedScorerConfig | None = None, *, device: DeviceName | str = "auto"
-    ) -> None:
-        super().__init__(config or LearnedScorerConfig(), device)
+    def _setup(self) -> None:
         self.chest: ChestIQANet = self.model  # type: ignore[assignment]
 
     def score(self, volume: SeriesVolume) -> ScoreOutput:
