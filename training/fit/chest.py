@@ -14,7 +14,6 @@ the paper's published fit (refit it from review labels: ``QualityFit.refit``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,9 +133,9 @@ def fit_chest(
     root = Path(out)
     run = RunDir(root, {"fit": asdict(cfg), "data": str(data)})
     best_path = root / "best.safetensors"
-    if run.done and resume and run.finished_epochs() >= cfg.epochs:
+    if (earlier := run.finished_summary(cfg.epochs, resume)) is not None:
         echo(f"{root} finished earlier; skipping")
-        return json.loads((root / "done.json").read_text())
+        return earlier
     params = read_manifest(data)["params"]
     overrides: dict[str, Any] = {"normalised_reg_loss": cfg.normalised_reg_loss}
     default_in = ChestInputConfig()

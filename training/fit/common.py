@@ -121,6 +121,12 @@ class RunDir:
         doc = json.loads((self.root / "done.json").read_text())
         return int(doc.get("epochs", 0))
 
+    def finished_summary(self, epochs: int, resume: bool) -> dict[str, Any] | None:
+        """With ``resume``, the summary of a run that already finished ``epochs``."""
+        if resume and self.finished_epochs() >= epochs:
+            return dict(json.loads((self.root / "done.json").read_text()))
+        return None
+
     def prepare(self, resume: bool) -> None:
         """Refuse to overwrite an earlier run unless resuming."""
         if self.checkpoint.exists() and not resume:

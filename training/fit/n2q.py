@@ -17,7 +17,6 @@ at the training targets' mean.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -150,9 +149,9 @@ def fit_n2q(
     root = Path(out)
     run = RunDir(root, {"fit": asdict(cfg), "data": str(data)})
     best_path = root / "best.safetensors"
-    if run.done and resume and run.finished_epochs() >= cfg.epochs:
+    if (earlier := run.finished_summary(cfg.epochs, resume)) is not None:
         echo(f"{root} finished earlier; skipping")
-        return json.loads((root / "done.json").read_text())
+        return earlier
     manifest = read_manifest(data)
     size = int(manifest["params"]["size"])
     overrides: dict[str, Any] = {}
