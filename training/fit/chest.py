@@ -15,7 +15,7 @@ the paper's published fit (refit it from review labels: ``QualityFit.refit``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from qgate.models import ChestIQANet, create_model
 from qgate.models.chestiqa import ChestIQAOutput, ChestIQATargets
 from qgate.models.preprocess import ChestInputConfig, prepare_chest_input
-from training.fit.common import RunDir, autocast, resolve_device, seed_everything
+from training.fit.common import autocast, open_fit, optimiser_step, seed_everything
 from training.fit.data import epoch_batches, epoch_generator, steps_per_epoch
 from training.fit.loop import cosine_schedule, train_to_best
 from training.metrics import classification, regression
@@ -129,11 +129,10 @@ def fit_chest(
 ) -> dict[str, Any]:
     from training.datasets.common import read_manifest
 
-    device = resolve_device(cfg.device)
-    root = Path(out)
-    run = RunDir(root, {"fit": asdict(cfg), "data": str(data)})
+    device, run, earlier = open_fit(data, out, cfg, resume=resume)
+    root = run.root
     best_path = root / "best.safetensors"
-    if (earlier := run.finished_summary(cfg.epochs, resume)) is not None:
+    if earlier is not None:
         echo(f"{root} finished earlier; skipping")
         return earlier
     params = read_manifest(data)["params"]
@@ -174,10 +173,7 @@ def fit_chest(
         with autocast(device, cfg.amp):
             o = model(x)
         loss, parts = model.loss(o, _targets(train, idx, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+        return optimiser_step(opt, loss, parts)
 
     def validate() -> dict[str, float]:
         if len(val) == 0:

@@ -239,3 +239,22 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def open_fit(
+    data: str | Path, out: str | Path, cfg: Any, *, resume: bool
+) -> tuple[torch.device, RunDir, dict[str, Any] | None]:
+    """A fit's device and run folder (recording ``cfg`` and ``data``), and the summary of
+    an earlier run that already finished ``cfg.epochs`` when resuming (else ``None``)."""
+    run = RunDir(out, {"fit": asdict(cfg), "data": str(data)})
+    return resolve_device(cfg.device), run, run.finished_summary(cfg.epochs, resume)
+
+
+def optimiser_step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """One backward pass and update; returns the loss and its parts as floats."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}

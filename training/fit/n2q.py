@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from qgate.models import N2QNet, create_model
 from qgate.models.n2q import N2QTargets
 from qgate.models.preprocess import N2QInputConfig, prepare_n2q_input
-from training.fit.common import RunDir, autocast, resolve_device, seed_everything
+from training.fit.common import autocast, open_fit, optimiser_step, seed_everything
 from training.fit.data import epoch_batches, epoch_generator, steps_per_epoch
 from training.fit.loop import cosine_schedule, train_to_best
 from training.metrics import classification, map_metrics
@@ -145,11 +145,10 @@ def fit_n2q(
 ) -> dict[str, Any]:
     from training.datasets.common import read_manifest
 
-    device = resolve_device(cfg.device)
-    root = Path(out)
-    run = RunDir(root, {"fit": asdict(cfg), "data": str(data)})
+    device, run, earlier = open_fit(data, out, cfg, resume=resume)
+    root = run.root
     best_path = root / "best.safetensors"
-    if (earlier := run.finished_summary(cfg.epochs, resume)) is not None:
+    if earlier is not None:
         echo(f"{root} finished earlier; skipping")
         return earlier
     manifest = read_manifest(data)
@@ -202,10 +201,7 @@ def fit_n2q(
         with autocast(device, cfg.amp):
             out_m = model(x.to(device))
         loss, parts = model.loss(out_m, N2QTargets(y.to(device), train.dose[idx].to(device)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+        return optimiser_step(opt, loss, parts)
 
     def validate() -> dict[str, float]:
         if len(val) == 0:
