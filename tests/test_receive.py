@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 import warnings
@@ -39,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from qgate import spool
 from qgate.config import Settings
 from qgate.db import Event, Instance, Series, make_engine, make_session_factory
 from qgate.receive import TRANSFER_SYNTAXES, start_scp
@@ -150,6 +153,52 @@ def test_spool_path_and_write_atomic(tmp_path: Path) -> None:
     write_atomic(path, b"two", fsync=False)
     assert path.read_bytes() == b"two"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def _supports_o_direct(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095 - 333, 4096 - 333, 525_311, (9 << 20) + 3])
+def test_write_temp_direct_writes_exactly_the_buffers(
+    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT writes whole blocks through a bounce buffer (4 MiB chunks); the file must
+    still hold exactly the header and body, whatever their alignment."""
+    monkeypatch.setattr(spool, "_direct_unsupported", set())
+    head, body = b"H" * 333, os.urandom(size)
+    path = tmp_path / "1.2" / "1.2.3.dcm"
+    tmp = spool.write_temp(path, (head, memoryview(body)), fsync=True, direct=True)
+    assert tmp.read_bytes() == head + body
+    spool.publish(tmp, path, fsync=True)
+    assert path.read_bytes() == head + body
+    # Direct I/O was used where the file system allows it, and not given up on.
+    assert not spool._direct_unsupported or not _supports_o_direct(tmp_path)
+
+
+def test_write_temp_falls_back_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = set()
+    monkeypatch.setattr(spool, "_direct_unsupported", refused)
+    real_open = os.open
+
+    def no_direct(path: object, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(spool.os, "open", no_direct)
+    head, body = b"head", os.urandom(10_000)
+    for name in ("1.2.3.dcm", "1.2.4.dcm"):
+        tmp = spool.write_temp(tmp_path / "1.2" / name, [head, body], fsync=True, direct=True)
+        assert tmp.read_bytes() == head + body
+    assert refused == ({(tmp_path / "1.2").stat().st_dev} if hasattr(os, "O_DIRECT") else set())
 
 
 def test_tracker_counts_an_association_once_and_forgets_it_at_its_end() -> None:

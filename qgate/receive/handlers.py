@@ -7,11 +7,14 @@ sender's thread: one header-only parse, one file write, one SQL transaction.
 ``handle_store`` (``evt.EVT_C_STORE``)
     Uses ``event.assoc.requestor.ae_title``, ``event.request.AffectedSOPClassUID``,
     ``event.request.AffectedSOPInstanceUID``, ``event.context.transfer_syntax`` and
-    ``event.encoded_dataset()`` (the bytes as received, written to the spool unchanged;
-    pixels are never decoded here). It reads these header attributes (:data:`HEADER_TAGS`):
-    SOP Class/Instance UID, Study/Series Instance UID, Modality, Rows, Columns, Number of
-    Frames, Samples per Pixel, Bits Allocated, Instance Number, Patient ID, Patient's Name,
-    Study Date, Series Description and the presence and length of Pixel Data.
+    ``event.request.DataSet``: the dataset's bytes as received, parsed in place and
+    written to the spool unchanged behind the File Meta header that
+    ``event.encoded_dataset()`` would add (:mod:`qgate.receive.part10`; a deflated
+    dataset goes through ``encoded_dataset()`` itself). Pixels are never decoded here.
+    It reads these header attributes (:data:`HEADER_TAGS`): SOP Class/Instance UID,
+    Study/Series Instance UID, Modality, Rows, Columns, Number of Frames, Samples per
+    Pixel, Bits Allocated, Instance Number, Patient ID, Patient's Name, Study Date,
+    Series Description and the presence and length of Pixel Data.
 
     Returns one of:
 
@@ -52,6 +55,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -64,8 +68,10 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
-from sqlalchemy import bindparam, case, func, insert, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -73,6 +79,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.config import DicomConfig, Settings
 from qgate.db.models import Event, Instance, Series, utcnow
+from qgate.receive.part10 import file_header
 from qgate.spool import discard, publish, spool_path, write_temp
 from qgate.uids import clean_uid
 
@@ -122,6 +129,7 @@ HEADER_TAGS: tuple[str, ...] = (
     "PixelData",
 )
 
+_HEADER_TAG_LIST = [Tag(k) for k in HEADER_TAGS]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _BITS_ALLOCATED = frozenset({8, 16, 32})
 _SAMPLES_PER_PIXEL = frozenset({1, 3})
@@ -181,6 +189,12 @@ class ReceiveContext:
         """Absolute spool root: ``instances.path`` is stored absolute."""
         return self.settings.spool_dir.absolute()
 
+    @cached_property
+    def engine(self) -> Engine:
+        """The store's engine: the C-STORE transaction runs on a bare connection, which
+        costs less per instance than an ORM session."""
+        return self.sessions.kw["bind"]
+
 
 @dataclass(frozen=True)
 class InstanceHeader:
@@ -227,8 +241,12 @@ class Undecodable(Exception):
     """The stream is not a DICOM dataset qgate can read (maps to 0xC210)."""
 
 
+#: Values longer than this are skipped, not read: only Pixel Data's length is needed.
+_DEFER_BYTES = 4096
+
+
 def read_header(data: bytes) -> Dataset:
-    """Parse only :data:`HEADER_TAGS` of a Part 10 byte string; pixels stay raw bytes.
+    """Parse only :data:`HEADER_TAGS` of a Part 10 byte string; pixels are not read.
 
     pydicom's reader is lenient: it stops quietly at garbage and hands back short values.
     So a stream that yields neither SOP Class nor SOP Instance UID, or an element shorter
@@ -240,18 +258,47 @@ def read_header(data: bytes) -> Dataset:
         For a stream that cannot be read, is truncated, or is not a dataset at all.
     """
     try:
-        ds = dcmread(BytesIO(data), specific_tags=list(HEADER_TAGS))
+        ds = dcmread(BytesIO(data), specific_tags=list(HEADER_TAGS), defer_size=_DEFER_BYTES)
     except Exception as exc:
         raise Undecodable(type(exc).__name__) from None
+    return _complete(ds, len(data))
+
+
+def read_dataset_header(stream: BytesIO, transfer_syntax: UID) -> Dataset:
+    """Parse only :data:`HEADER_TAGS` of a dataset as received (no file meta).
+
+    ``stream`` is the C-STORE request's dataset buffer; it is read in place, not copied.
+    A deflated dataset is parsed through :func:`read_header`. Raises like
+    :func:`read_header`.
+    """
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    try:
+        ds = read_dataset(
+            stream,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            defer_size=_DEFER_BYTES,
+            specific_tags=_HEADER_TAG_LIST,
+        )
+    except Exception as exc:
+        raise Undecodable(type(exc).__name__) from None
+    finally:
+        stream.seek(0)
+    return _complete(ds, size)
+
+
+def _complete(ds: Dataset, size: int) -> Dataset:
     if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
         raise Undecodable("no SOP Class or SOP Instance UID")
-    for elem in ds.elements():  # nothing is converted here
-        if (
-            isinstance(elem, RawDataElement)
-            and elem.length != _UNDEFINED_LENGTH
-            and isinstance(elem.value, bytes)
-            and len(elem.value) < elem.length
-        ):
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts its elements
+        elem = ds.get_item(tag, keep_deferred=True)  # nothing is converted or read here
+        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+            continue
+        if elem.value is None:  # deferred: the declared length must be in the stream
+            if elem.value_tell + elem.length > size:
+                raise Undecodable("truncated")
+        elif isinstance(elem.value, bytes) and len(elem.value) < elem.length:
             raise Undecodable("truncated")  # pydicom hands back the short read
     return ds
 
@@ -319,7 +366,7 @@ def check_header(
     if modality != "CT":
         raise Rejected(DATASET_MISMATCH, f"modality {modality or 'missing'} is not CT")
 
-    pixels = ds.get_item("PixelData") if "PixelData" in ds else None
+    pixels = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
     if pixels is None:
         raise Rejected(DATASET_MISMATCH, "no Pixel Data")
 
@@ -443,8 +490,8 @@ _SQL: dict[str, _Statements] = {
 }
 
 
-def _sql(session: Session) -> _Statements:
-    dialect = session.get_bind().dialect.name
+def _sql(db: Session | Connection) -> _Statements:
+    dialect = (db.dialect if isinstance(db, Connection) else db.get_bind().dialect).name
     try:
         return _SQL[dialect]
     except KeyError:  # pragma: no cover - only SQLite and PostgreSQL are supported
@@ -469,7 +516,7 @@ def _event(series_uid: str, event: str, detail: str | None, now: dt.datetime) ->
 
 
 def record_instance(
-    session: Session,
+    session: Session | Connection,
     *,
     header: InstanceHeader,
     transfer_syntax: str,
@@ -596,9 +643,12 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
     transfer_syntax = UID(event.context.transfer_syntax)
     calling_aet = str(event.assoc.requestor.ae_title).strip()[:16]
 
-    data = event.encoded_dataset()
+    # The dataset is parsed and written from pynetdicom's receive buffer, not copied.
+    stream: BytesIO = request.DataSet
+    deflated = transfer_syntax.is_deflated
+    data = event.encoded_dataset() if deflated else b""  # pydicom inflates Part 10 only
     try:
-        ds = read_header(data)
+        ds = read_header(data) if deflated else read_dataset_header(stream, transfer_syntax)
     except Undecodable as exc:
         _log(ctx, logging.WARNING, CANNOT_UNDERSTAND, event, f"undecodable ({exc})")
         return CANNOT_UNDERSTAND
@@ -619,23 +669,32 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
 
     fsync = ctx.settings.storage.fsync
     path = spool_path(ctx.spool_root, header.series_instance_uid, header.sop_instance_uid)
-    try:
-        tmp = write_temp(path, data, fsync=fsync)
-    except OSError as exc:
-        _log(ctx, logging.ERROR, OUT_OF_RESOURCES, event, f"spool write failed ({exc.strerror})")
-        return OUT_OF_RESOURCES
+    head = b""
+    if not deflated:
+        head = file_header(header.sop_class_uid, header.sop_instance_uid, transfer_syntax)
+    # A view of the receive buffer, released before the handler returns (pynetdicom
+    # cannot grow or free the buffer while it is exported).
+    with memoryview(data) if deflated else stream.getbuffer() as body:
+        size = len(head) + len(body)
+        try:
+            direct = fsync and ctx.settings.storage.direct_io
+            tmp = write_temp(path, (head, body), fsync=fsync, direct=direct)
+        except OSError as exc:
+            reason = f"spool write failed ({exc.strerror})"
+            _log(ctx, logging.ERROR, OUT_OF_RESOURCES, event, reason)
+            return OUT_OF_RESOURCES
 
     new_for_assoc = ctx.tracker.is_new(event.assoc, header.series_instance_uid)
     try:
-        with ctx.sessions() as session:
+        with ctx.engine.connect() as conn:
             outcome = record_instance(
-                session,
+                conn,
                 header=header,
                 transfer_syntax=str(transfer_syntax),
                 calling_aet=calling_aet,
                 path=path,
                 tmp=tmp,
-                size=len(data),
+                size=size,
                 new_for_association=new_for_assoc,
                 fsync=fsync,
                 fsync_directory=ctx.settings.storage.fsync_directory,

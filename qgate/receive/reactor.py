@@ -32,8 +32,16 @@ import queue
 import select
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -190,12 +198,27 @@ class BulkRecvSocket(AssociationSocket):
         return buf
 
 
+#: pynetdicom's logging handlers, bound to every association by default. They format
+#: each PDU and DIMSE message whether or not the lines are emitted (~0.2 ms per
+#: instance), so they stay bound only while the ``pynetdicom`` logger shows INFO.
+STANDARD_LOG_HANDLERS: tuple[tuple[evt.EventType, Callable[..., Any]], ...] = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
 class LowLatencyRequestHandler(RequestHandler):
     """pynetdicom's request handler, whose associations use :class:`LowLatencyAssociation`,
-    :class:`LowLatencyDUL` and :class:`BulkRecvSocket`."""
+    :class:`LowLatencyDUL` and :class:`BulkRecvSocket`, without pynetdicom's logging
+    handlers unless the ``pynetdicom`` logger is at INFO or below."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in STANDARD_LOG_HANDLERS:
+                assoc.unbind(event, handler)
         # pynetdicom builds the acceptor and its DUL in long methods with no class
         # hook; the subclasses only override methods, so switching the classes before
         # the threads start is safe.

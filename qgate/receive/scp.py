@@ -17,7 +17,8 @@ What qgate accepts at association negotiation:
   AE title (A-ASSOCIATE-RJ, "calling AE title not recognised").
 
 ``maximum_pdu_size = 0`` lets the peer send PDUs of any size, and the handler writes
-``event.encoded_dataset()`` as-is (the fast path; see :mod:`qgate.receive.handlers`).
+the encoded dataset as received, never decoding it (the fast path; see
+:mod:`qgate.receive.handlers`).
 Accepted associations run :mod:`qgate.receive.reactor`'s acceptor loop, which wakes on
 each complete request instead of polling every millisecond.
 """
