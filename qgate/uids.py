@@ -60,3 +60,14 @@ def is_valid_uid(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+def encoded_uid(uid: str) -> bytes:
+    """A UID as a DICOM UI value is encoded: ASCII, NUL-padded to an even length."""
+    value = uid.encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def placeholder_uid(length: int) -> str:
+    """A valid UID of exactly ``length`` characters (1..64), for encoding templates."""
+    return "1." + "9" * (length - 2) if length > 2 else "9" * length

@@ -6,8 +6,10 @@ import hashlib
 import inspect
 import threading
 
+import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -17,6 +19,7 @@ from qgate.receive.reactor import (
     LowLatencyDUL,
     start_server,
 )
+from qgate.receive.storersp import StoreResponseDIMSE
 from qgate.synth import make_ct_series
 from tests.conftest import free_port
 
@@ -24,6 +27,9 @@ from tests.conftest import free_port
 # LowLatencyAssociation._run_reactor copies. A new pynetdicom that changes the loop
 # fails here: compare the two loops, port the change, then update the digest.
 UPSTREAM_LOOP_SHA256 = "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee"
+# The same for DIMSEServiceProvider.send_msg, which StoreResponseDIMSE.send_msg bypasses
+# for plain C-STORE responses (qgate.receive.storersp).
+UPSTREAM_SEND_MSG_SHA256 = "a839cf2fb46976d9da29cf06fea41c04416b38d14fab612af12e5d869bd5b3f0"
 
 
 def _ae(title: str) -> AE:
@@ -44,16 +50,19 @@ def _serve(handlers: list[evt.EventHandlerType]) -> tuple[ThreadedAssociationSer
 def test_the_copied_loop_matches_the_installed_pynetdicom() -> None:
     src = inspect.getsource(Association._run_reactor)
     assert hashlib.sha256(src.encode()).hexdigest() == UPSTREAM_LOOP_SHA256
+    src = inspect.getsource(DIMSEServiceProvider.send_msg)
+    assert hashlib.sha256(src.encode()).hexdigest() == UPSTREAM_SEND_MSG_SHA256
 
 
 def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> None:
     """C-ECHO and C-STORE are served, the peer's release ends the association, and the
     acceptor is a LowLatencyAssociation with a LowLatencyDUL."""
-    seen: list[tuple[type, type, type]] = []
+    seen: list[tuple[type, ...]] = []
     released = threading.Event()
 
     def on_store(event: evt.Event) -> int:
-        seen.append((type(event.assoc), type(event.assoc.dul), type(event.assoc.dul.socket)))
+        a = event.assoc
+        seen.append((type(a), type(a.dul), type(a.dul.socket), type(a.dimse)))
         return 0x0000
 
     server, port = _serve(
@@ -69,7 +78,41 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
         assert released.wait(5)
     finally:
         server.shutdown()
-    assert seen == [(LowLatencyAssociation, LowLatencyDUL, BulkRecvSocket)] * 3
+    types = (LowLatencyAssociation, LowLatencyDUL, BulkRecvSocket, StoreResponseDIMSE)
+    assert seen == [types] * 3
+
+
+@pytest.mark.parametrize("listen_to_sent", [False, True])
+def test_store_responses_reach_the_peer_intact(listen_to_sent: bool) -> None:
+    """Responses from the template (or, while something listens to EVT_DIMSE_SENT, from
+    pynetdicom) carry the status and identify the instance they answer."""
+    expected = [0x0000, 0xA900, 0xC211, 0x0000]
+    statuses = iter(expected)
+    sent: list[object] = []
+    handlers: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, lambda e: next(statuses))]
+    if listen_to_sent:
+        handlers.append((evt.EVT_DIMSE_SENT, lambda e: sent.append(e.message)))
+    server, port = _serve(handlers)
+    answers = []
+
+    def on_response(event: evt.Event) -> None:
+        cs = event.message.command_set
+        answers.append((cs.Status, cs.AffectedSOPInstanceUID, cs.MessageIDBeingRespondedTo))
+
+    try:
+        ae = _ae("SCU")
+        assoc = ae.associate("127.0.0.1", port, evt_handlers=[(evt.EVT_DIMSE_RECV, on_response)])
+        datasets = make_ct_series(4, 16, 16, seed=2)
+        for n, ds in enumerate(datasets, start=7):
+            assoc.send_c_store(ds, msg_id=n)
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert answers == [
+        (status, ds.SOPInstanceUID, n)
+        for n, (status, ds) in enumerate(zip(expected, datasets, strict=True), 7)
+    ]
+    assert len(sent) == (4 if listen_to_sent else 0)
 
 
 def test_a_peer_abort_ends_the_association() -> None:

@@ -19,21 +19,18 @@ from functools import lru_cache
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
+from qgate.uids import encoded_uid, placeholder_uid
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 _INSTANCE_UID_TAG = b"\x02\x00\x03\x00UI"  # (0002,0003) in explicit VR little endian
-
-
-def _padded(uid: str) -> bytes:
-    value = uid.encode("ascii")
-    return value + b"\x00" if len(value) % 2 else value
 
 
 @lru_cache(maxsize=256)
 def _template(sop_class_uid: str, transfer_syntax: str, length: int) -> tuple[bytes, int]:
     """pydicom's header for a placeholder instance UID of ``length`` bytes (padded),
     and the offset of that UID's value in it."""
-    placeholder = "1." + "9" * (length - 2) if length > 2 else "9" * length
+    placeholder = placeholder_uid(length)
     meta = create_file_meta(
         sop_class_uid=UID(sop_class_uid),
         sop_instance_uid=UID(placeholder),
@@ -63,6 +60,6 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str)
     bytes
         What ``event.encoded_dataset()`` puts before the dataset.
     """
-    value = _padded(sop_instance_uid)
+    value = encoded_uid(sop_instance_uid)
     header, at = _template(sop_class_uid, transfer_syntax, len(value))
     return header[:at] + value + header[at + len(value) :]

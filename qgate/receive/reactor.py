@@ -47,6 +47,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from qgate.receive.storersp import StoreResponseDIMSE
+
 LOGGER = logging.getLogger("pynetdicom.assoc")
 
 #: Longest wait for a DIMSE message before the reactor re-checks release, abort, the
@@ -211,7 +213,8 @@ STANDARD_LOG_HANDLERS: tuple[tuple[evt.EventType, Callable[..., Any]], ...] = (
 
 class LowLatencyRequestHandler(RequestHandler):
     """pynetdicom's request handler, whose associations use :class:`LowLatencyAssociation`,
-    :class:`LowLatencyDUL` and :class:`BulkRecvSocket`, without pynetdicom's logging
+    :class:`LowLatencyDUL`, :class:`BulkRecvSocket` and
+    :class:`~qgate.receive.storersp.StoreResponseDIMSE`, without pynetdicom's logging
     handlers unless the ``pynetdicom`` logger is at INFO or below."""
 
     def _create_association(self) -> Association:
@@ -225,6 +228,7 @@ class LowLatencyRequestHandler(RequestHandler):
         assoc.__class__ = LowLatencyAssociation
         assoc.dul.__class__ = LowLatencyDUL
         assoc.dul.socket.__class__ = BulkRecvSocket  # type: ignore[union-attr]
+        assoc.dimse.__class__ = StoreResponseDIMSE
         assoc.dul._prepare()  # type: ignore[attr-defined]
         return assoc
 

@@ -20,7 +20,8 @@ What qgate accepts at association negotiation:
 the encoded dataset as received, never decoding it (the fast path; see
 :mod:`qgate.receive.handlers`).
 Accepted associations run :mod:`qgate.receive.reactor`'s acceptor loop, which wakes on
-each complete request instead of polling every millisecond.
+each complete request instead of polling every millisecond, and answer C-STORE from a
+template of pynetdicom's own response encoding (:mod:`qgate.receive.storersp`).
 """
 
 from __future__ import annotations
