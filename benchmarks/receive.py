@@ -2,6 +2,8 @@
 
 Each repetition sends a fresh copy of the series (new UIDs, so neither side sees
 duplicates) over ONE association with dcmtk storescu, and times storescu's wall clock.
+One unmeasured warm-up send to each receiver comes first, after the generated series
+are flushed to disk.
 qgate runs as `qgate serve` with its database recorded (SQLite WAL, synchronous=NORMAL)
 and fsync on (one flush per instance, see qgate/spool.py); Orthanc runs with its defaults
 (SQLite index, storage area synced: one fdatasync per instance) plus TCP_NODELAY.
@@ -81,10 +83,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qgate-bench-") as tmp:
         work = Path(tmp)
         series = []
-        for rep in range(args.reps * 3):
+        for rep in range((args.reps + 1) * 3):  # one unmeasured warm-up rep
             ds = make_ct_series(args.slices, args.size, args.size, seed=rep)
             series.append(write_series(ds, work / f"in{rep}"))
         mb = sum(p.stat().st_size for p in series[0]) / 1e6
+        # The generated series are gigabytes of dirty pages; left to the kernel, their
+        # writeback would compete with the receivers' own writes in the first reps.
+        os.sync()
 
         archive = start_orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port())
         cfg = {
@@ -107,14 +112,16 @@ def main() -> None:
         floor = _start_floor(floor_port)
         times: dict[str, list[float]] = {"qgate": [], "orthanc": [], "pynetdicom no-op": []}
         try:
+            receivers = [
+                ("qgate", q.port, "QGATE"),
+                ("orthanc", archive.dicom_port, "ARCHIVE"),
+                ("pynetdicom no-op", floor_port, "FLOOR"),
+            ]
+            for k, (_, port, aec) in enumerate(receivers):  # warm-up: first association
+                _send(port, aec, series[3 * args.reps + k])
             for rep in range(args.reps):
                 # Alternate the order so neither side always runs on a warmer page cache.
-                order = [
-                    ("qgate", q.port, "QGATE"),
-                    ("orthanc", archive.dicom_port, "ARCHIVE"),
-                    ("pynetdicom no-op", floor_port, "FLOOR"),
-                ]
-                order = order[rep % 3 :] + order[: rep % 3]
+                order = receivers[rep % 3 :] + receivers[: rep % 3]
                 for k, (name, port, aec) in enumerate(order):
                     times[name].append(_send(port, aec, series[3 * rep + k]))
             rows = q.cli_json("results", "--json")
@@ -123,7 +130,8 @@ def main() -> None:
             floor.shutdown()  # type: ignore[attr-defined]
             q.stop()
             archive.stop()
-        assert received == args.reps * args.slices, f"qgate recorded {received} instances"
+        expected = (args.reps + 1) * args.slices  # with the warm-up
+    assert received == expected, f"qgate recorded {received} instances"
 
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "

@@ -76,10 +76,10 @@ class StorageConfig(BaseModel):
     # Also fsync the folder after each rename: POSIX-strict, a second flush per instance,
     # for file systems that do not journal a rename with the file (e.g. some NFS setups).
     fsync_directory: bool = False
-    # With fsync on, write received instances with O_DIRECT (Linux; falls back where the
-    # file system refuses): the data goes to disk without filling the page cache, which
-    # a durable spool does not need (qgate/spool.py).
-    direct_io: bool = True
+    # With fsync on, evict each received file's pages from the page cache once it is on
+    # disk: the spool is read once, later, and new instances then reuse memory instead of
+    # growing the cache (qgate/spool.py).
+    drop_page_cache: bool = True
 
 
 class QueueConfig(BaseModel):

@@ -14,18 +14,21 @@ that one fsync commits the data *and* the new name in one journal transaction: o
 flush per instance, which is what a receiver pays per C-STORE (Orthanc pays one
 ``fdatasync`` per instance too). ``fsync_directory`` adds the POSIX-strict fsync of the
 folder after the rename, a second flush, for file systems without that guarantee (some
-network file systems). With ``direct`` (``storage.direct_io``) the
-data goes to disk as it is written (``O_DIRECT``) and the fsync commits the file's size
-and name. A crash between rename and fsync can leave a partial file under its final
-name; it was never acknowledged and has no row, and start-up recovery
+network file systems). A crash between rename and fsync can leave a partial file under
+its final name; it was never acknowledged and has no row, and start-up recovery
 (:mod:`qgate.receive.recover`) moves files it cannot read out of the spool.
+
+Page cache (``drop_cache``, ``storage.drop_page_cache``): once a received file is
+fsynced its pages are clean, and the spool is read once, later, by the scorer. Evicting
+them right away (``POSIX_FADV_DONTNEED``) lets the next instance reuse memory the kernel
+already holds instead of growing the cache. On a VM whose memory the host maps in on
+first touch, growing the cache cost ~1 ms per 512 KB slice on the C-STORE path
+(``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -87,17 +90,14 @@ def ensure_dir(path: Path, *, fsync: bool) -> None:
             fsync_dir(created.parent)
 
 
-def write_temp(
-    path: Path, data: Buffer | Sequence[Buffer], *, fsync: bool, direct: bool = False
-) -> Path:
+def write_temp(path: Path, data: Buffer | Sequence[Buffer], *, fsync: bool) -> Path:
     """Write ``data`` to a new temporary file beside ``path`` and return its path.
 
     ``data`` is one buffer or a sequence of buffers written back to back (the receive
     stage writes a header and the dataset as received, without joining them into a
     copy). The temporary file is hidden (``.NAME.XXXX.tmp``) and lives in ``path``'s
     folder so that :func:`publish` is a same-folder rename; :func:`publish` flushes it.
-    ``fsync`` makes a folder created here durable. ``direct`` writes with ``O_DIRECT``
-    where the file system supports it (see :func:`_write_direct`), else as usual.
+    ``fsync`` makes a folder created here durable.
     """
     ensure_dir(path.parent, fsync=fsync)
     # Unique per writer thread (two associations may carry the same instance at once);
@@ -106,12 +106,11 @@ def write_temp(
     parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     try:
-        if not (direct and _write_direct(tmp, views)):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_all(fd, views)
-            finally:
-                os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, views)
+        finally:
+            os.close(fd)
     except BaseException:
         discard(tmp)
         raise
@@ -119,7 +118,6 @@ def write_temp(
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:
-    views = list(views)
     while views:
         written = os.writev(fd, views)
         while written and views:  # drop what went out; keep the rest of a short write
@@ -130,79 +128,21 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
                 written = 0
 
 
-#: O_DIRECT needs the buffer, the length and the offset aligned to the device's logical
-#: block (512 or 4096 bytes); 4096 satisfies both.
-_ALIGN = 4096
-_DIRECT_CHUNK = 4 << 20
-_direct_buffers: list[mmap.mmap] = []  # page-aligned, reused: see _write_direct
-_direct_lock = threading.Lock()
-_direct_unsupported: set[int] = set()  # st_dev of file systems that refused O_DIRECT
-
-
-def _write_direct(tmp: Path, views: list[memoryview]) -> bool:
-    """Write ``views`` to ``tmp`` with ``O_DIRECT``; ``False`` if the file system refuses.
-
-    Why: a durable receiver flushes every file anyway, so the page cache only costs here:
-    each new file takes fresh page-cache memory, which on a VM whose memory the host
-    maps in on first touch costs ~1 ms per 512 KB (measured; ``benchmarks/RESULTS.md``),
-    and the spool is read once, later, by the scorer. The data is copied through a
-    reused page-aligned buffer in chunks, the last one padded to the block size, and the
-    file truncated to its real length; :func:`publish`'s fsync then commits the size
-    and the name (and flushes the device's write cache).
-    """
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return False
-    try:
-        dev = tmp.parent.stat().st_dev
-        if dev in _direct_unsupported:
-            return False
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        _direct_unsupported.add(dev)
-        return False
-    with _direct_lock:
-        buf = _direct_buffers.pop() if _direct_buffers else mmap.mmap(-1, _DIRECT_CHUNK)
-    try:
-        with memoryview(buf) as chunk:
-            total = filled = 0
-            for view in views:
-                while view:
-                    n = min(len(view), _DIRECT_CHUNK - filled)
-                    chunk[filled : filled + n] = view[:n]
-                    filled += n
-                    total += n
-                    view = view[n:]
-                    if filled == _DIRECT_CHUNK:
-                        _write_all(fd, [chunk])
-                        filled = 0
-            if filled:
-                _write_all(fd, [chunk[: -(-filled // _ALIGN) * _ALIGN]])
-        os.ftruncate(fd, total)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        _direct_unsupported.add(dev)  # the alignment was refused: write as usual
-        return False
-    finally:
-        os.close(fd)
-        with _direct_lock:
-            _direct_buffers.append(buf)
-    return True
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data and metadata to disk."""
+def fsync_file(path: Path, *, drop_cache: bool = False) -> None:
+    """Flush a file's data and metadata to disk; with ``drop_cache``, then evict its
+    now clean pages from the page cache (see the module docstring)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
 
-def publish(tmp: Path, path: Path, *, fsync: bool, fsync_directory: bool = False) -> None:
+def publish(
+    tmp: Path, path: Path, *, fsync: bool, fsync_directory: bool = False, drop_cache: bool = False
+) -> None:
     """Atomically rename ``tmp`` to ``path``; with ``fsync``, make both durable.
 
     The fsync comes after the rename, so that a journaling file system commits the data
@@ -211,7 +151,7 @@ def publish(tmp: Path, path: Path, *, fsync: bool, fsync_directory: bool = False
     """
     os.replace(tmp, path)
     if fsync:
-        fsync_file(path)
+        fsync_file(path, drop_cache=drop_cache)
         if fsync_directory:
             fsync_dir(path.parent)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -155,50 +154,54 @@ def test_spool_path_and_write_atomic(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
-def _supports_o_direct(folder: Path) -> bool:
-    try:
-        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        return False
-    os.close(fd)
-    return hasattr(os, "O_DIRECT")
-
-
-@pytest.mark.parametrize("size", [0, 1, 4095 - 333, 4096 - 333, 525_311, (9 << 20) + 3])
-def test_write_temp_direct_writes_exactly_the_buffers(
-    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """O_DIRECT writes whole blocks through a bounce buffer (4 MiB chunks); the file must
-    still hold exactly the header and body, whatever their alignment."""
-    monkeypatch.setattr(spool, "_direct_unsupported", set())
+@pytest.mark.parametrize("size", [0, 1, 4095, 525_311, (9 << 20) + 3])
+def test_write_temp_writes_the_buffers_back_to_back(tmp_path: Path, size: int) -> None:
     head, body = b"H" * 333, os.urandom(size)
     path = tmp_path / "1.2" / "1.2.3.dcm"
-    tmp = spool.write_temp(path, (head, memoryview(body)), fsync=True, direct=True)
-    assert tmp.read_bytes() == head + body
-    spool.publish(tmp, path, fsync=True)
+    tmp = spool.write_temp(path, (head, memoryview(body)), fsync=True)
+    spool.publish(tmp, path, fsync=True, drop_cache=True)
     assert path.read_bytes() == head + body
-    # Direct I/O was used where the file system allows it, and not given up on.
-    assert not spool._direct_unsupported or not _supports_o_direct(tmp_path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_write_temp_falls_back_where_o_direct_is_refused(
+def test_short_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+
+    def at_most_1000(fd: int, buffers: list[memoryview]) -> int:
+        first = buffers[0]
+        return real_writev(fd, [first[:1000]])  # as a signal or a full disk may cut it
+
+    monkeypatch.setattr(spool.os, "writev", at_most_1000)
+    parts = [b"a" * 1500, b"", b"b" * 2500, os.urandom(3333)]
+    tmp = spool.write_temp(tmp_path / "1.2" / "1.2.4.dcm", parts, fsync=False)
+    assert tmp.read_bytes() == b"".join(parts)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_publish_evicts_the_file_from_the_page_cache_after_the_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refused = set()
-    monkeypatch.setattr(spool, "_direct_unsupported", refused)
-    real_open = os.open
+    advice: list[tuple[str, int]] = []
+    real_fsync = os.fsync
 
-    def no_direct(path: object, flags: int, *args: int) -> int:
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs answers
-        return real_open(path, flags, *args)
+    def fsync(fd: int) -> None:
+        advice.append(("fsync", fd))
+        real_fsync(fd)
 
-    monkeypatch.setattr(spool.os, "open", no_direct)
-    head, body = b"head", os.urandom(10_000)
-    for name in ("1.2.3.dcm", "1.2.4.dcm"):
-        tmp = spool.write_temp(tmp_path / "1.2" / name, [head, body], fsync=True, direct=True)
-        assert tmp.read_bytes() == head + body
-    assert refused == ({(tmp_path / "1.2").stat().st_dev} if hasattr(os, "O_DIRECT") else set())
+    def fadvise(fd: int, offset: int, length: int, how: int) -> None:
+        advice.append(("dontneed" if how == os.POSIX_FADV_DONTNEED else str(how), fd))
+
+    path = tmp_path / "1.2" / "1.2.5.dcm"
+    path.parent.mkdir()  # no folder fsyncs in the trace
+    monkeypatch.setattr(spool.os, "fsync", fsync)
+    monkeypatch.setattr(spool.os, "posix_fadvise", fadvise)
+    spool.publish(spool.write_temp(path, b"x" * 9000, fsync=True), path, fsync=True)
+    spool.publish(
+        spool.write_temp(path, b"y" * 9000, fsync=True), path, fsync=True, drop_cache=True
+    )
+    assert [a for a, _ in advice] == ["fsync", "fsync", "dontneed"]  # after its own fsync
+    assert advice[1][1] == advice[2][1]
+    assert path.read_bytes() == b"y" * 9000
 
 
 def test_tracker_counts_an_association_once_and_forgets_it_at_its_end() -> None:

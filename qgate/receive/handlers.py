@@ -528,6 +528,7 @@ def record_instance(
     fsync: bool,
     now: dt.datetime,
     fsync_directory: bool = False,
+    drop_cache: bool = False,
 ) -> StoreOutcome:
     """Record one instance in one transaction and move its file into place.
 
@@ -600,7 +601,7 @@ def record_instance(
                     events.append(_event(uid, EV_REOPENED, f"generation={generation}", now))
             if events:
                 session.execute(sql.insert_events, events)
-            publish(tmp, path, fsync=fsync, fsync_directory=fsync_directory)
+            publish(tmp, path, fsync=fsync, fsync_directory=fsync_directory, drop_cache=drop_cache)
     except _Duplicate:
         with session.begin():
             session.execute(
@@ -677,8 +678,7 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
     with memoryview(data) if deflated else stream.getbuffer() as body:
         size = len(head) + len(body)
         try:
-            direct = fsync and ctx.settings.storage.direct_io
-            tmp = write_temp(path, (head, body), fsync=fsync, direct=direct)
+            tmp = write_temp(path, (head, body), fsync=fsync)
         except OSError as exc:
             reason = f"spool write failed ({exc.strerror})"
             _log(ctx, logging.ERROR, OUT_OF_RESOURCES, event, reason)
@@ -698,6 +698,7 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
                 new_for_association=new_for_assoc,
                 fsync=fsync,
                 fsync_directory=ctx.settings.storage.fsync_directory,
+                drop_cache=ctx.settings.storage.drop_page_cache,
                 now=utcnow(),
             )
     except (SQLAlchemyError, OSError) as exc:
