@@ -76,9 +76,10 @@ class StorageConfig(BaseModel):
     # Also fsync the folder after each rename: POSIX-strict, a second flush per instance,
     # for file systems that do not journal a rename with the file (e.g. some NFS setups).
     fsync_directory: bool = False
-    # With fsync on, evict each received file's pages from the page cache once it is on
-    # disk: the spool is read once, later, and new instances then reuse memory instead of
-    # growing the cache (qgate/spool.py).
+    # With fsync on, start each received file's disk write as soon as it is written and
+    # evict its pages from the page cache once it is on disk: the spool is read once,
+    # later, and new instances then reuse memory instead of growing the cache
+    # (qgate/spool.py).
     drop_page_cache: bool = True
 
 

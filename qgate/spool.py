@@ -23,7 +23,10 @@ fsynced its pages are clean, and the spool is read once, later, by the scorer. E
 them right away (``POSIX_FADV_DONTNEED``) lets the next instance reuse memory the kernel
 already holds instead of growing the cache. On a VM whose memory the host maps in on
 first touch, growing the cache cost ~1 ms per 512 KB slice on the C-STORE path
-(``benchmarks/RESULTS.md``).
+(``benchmarks/RESULTS.md``). The same advice given right after the write, while the
+pages are still dirty, starts their writeback without waiting (``start_writeback``):
+the disk write then runs while the receive stage does its SQL, and the fsync mostly
+waits for the journal commit alone.
 """
 
 from __future__ import annotations
@@ -90,14 +93,18 @@ def ensure_dir(path: Path, *, fsync: bool) -> None:
             fsync_dir(created.parent)
 
 
-def write_temp(path: Path, data: Buffer | Sequence[Buffer], *, fsync: bool) -> Path:
+def write_temp(
+    path: Path, data: Buffer | Sequence[Buffer], *, fsync: bool, start_writeback: bool = False
+) -> Path:
     """Write ``data`` to a new temporary file beside ``path`` and return its path.
 
     ``data`` is one buffer or a sequence of buffers written back to back (the receive
     stage writes a header and the dataset as received, without joining them into a
     copy). The temporary file is hidden (``.NAME.XXXX.tmp``) and lives in ``path``'s
     folder so that :func:`publish` is a same-folder rename; :func:`publish` flushes it.
-    ``fsync`` makes a folder created here durable.
+    ``fsync`` makes a folder created here durable. ``start_writeback`` hands the data to
+    the disk now, without waiting (``POSIX_FADV_DONTNEED`` on dirty pages starts their
+    writeback), so that the fsync in :func:`publish` finds it under way or done.
     """
     ensure_dir(path.parent, fsync=fsync)
     # Unique per writer thread (two associations may carry the same instance at once);
@@ -109,6 +116,8 @@ def write_temp(path: Path, data: Buffer | Sequence[Buffer], *, fsync: bool) -> P
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, views)
+            if start_writeback and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
     except BaseException:

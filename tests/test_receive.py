@@ -178,7 +178,7 @@ def test_short_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
-def test_publish_evicts_the_file_from_the_page_cache_after_the_fsync(
+def test_page_cache_advice_comes_after_the_write_and_after_the_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     advice: list[tuple[str, int]] = []
@@ -202,6 +202,12 @@ def test_publish_evicts_the_file_from_the_page_cache_after_the_fsync(
     assert [a for a, _ in advice] == ["fsync", "fsync", "dontneed"]  # after its own fsync
     assert advice[1][1] == advice[2][1]
     assert path.read_bytes() == b"y" * 9000
+    # start_writeback: the same advice right after the write starts the disk write early.
+    advice.clear()
+    tmp = spool.write_temp(path, b"z" * 9000, fsync=True, start_writeback=True)
+    spool.publish(tmp, path, fsync=True, drop_cache=True)
+    assert [a for a, _ in advice] == ["dontneed", "fsync", "dontneed"]
+    assert path.read_bytes() == b"z" * 9000
 
 
 def test_tracker_counts_an_association_once_and_forgets_it_at_its_end() -> None:

@@ -678,7 +678,9 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
     with memoryview(data) if deflated else stream.getbuffer() as body:
         size = len(head) + len(body)
         try:
-            tmp = write_temp(path, (head, body), fsync=fsync)
+            # The disk write runs while the transaction below does its statements.
+            early = fsync and ctx.settings.storage.drop_page_cache
+            tmp = write_temp(path, (head, body), fsync=fsync, start_writeback=early)
         except OSError as exc:
             reason = f"spool write failed ({exc.strerror})"
             _log(ctx, logging.ERROR, OUT_OF_RESOURCES, event, reason)
