@@ -76,6 +76,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-fsync", action="store_true", help="qgate without fsync (not the default)")
     ap.add_argument(
+        "--all-scorers",
+        action="store_true",
+        help="qgate with its default scorers, the three models loaded (idle during the run)",
+    )
+    ap.add_argument(
         "--fsync-directory", action="store_true", help="qgate also fsyncs the folder (strict)"
     )
     args = ap.parse_args()
@@ -98,8 +103,8 @@ def main() -> None:
             # Long enough that scoring does not compete with receiving during the run.
             "series": {"stable_seconds": 3600, "release_grace_seconds": 3600},
             # Nothing is scored during the run; the classical scorers only spare the
-            # start-up of loading the models.
-            "scoring": {"scorers": ["noise", "snr"]},
+            # start-up of loading the models (--all-scorers loads them, as serve does).
+            **({} if args.all_scorers else {"scoring": {"scorers": ["noise", "snr"]}}),
             "database": {"url": f"sqlite:///{work / 'qgate.db'}"},
             "storage": {
                 "root": str(work / "var"),
@@ -141,6 +146,7 @@ def main() -> None:
         f"series: {args.slices} x {args.size}x{args.size} CT, {mb:.1f} MB, one association, "
         f"{args.reps} reps, fsync {'off' if args.no_fsync else 'on'}"
         f"{' + folder' if args.fsync_directory else ''}, load average {os.getloadavg()[0]:.1f}"
+        f"{', qgate with all scorers loaded' if args.all_scorers else ''}"
     )
     print()
     print("| receiver | median s | min s | instances/s (median) | ms/instance | MB/s |")
