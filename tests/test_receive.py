@@ -330,7 +330,10 @@ def test_every_accepted_transfer_syntax_round_trips(
     scp: ThreadedAssociationServer, settings: Settings, sessions: sessionmaker[Session], tmp_path
 ) -> None:
     assert set(STORESCU_PROPOSE) == set(TRANSFER_SYNTAXES) == set(MAKERS)
-    originals = _series(len(MAKERS))
+    # 128 x 128: Pixel Data larger than what the header parse reads (it skips it).
+    originals = [
+        *make_ct_series(len(MAKERS), 128, 128, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
+    ]
     sources = write_series(originals, tmp_path / "in")
     # Keyed by Instance Number: dcmtk's lossy encoders assign a new SOP Instance UID.
     sent: dict[int, tuple[UID, Dataset]] = {}
@@ -520,6 +523,8 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, int]]:
     add("garbage", CANNOT_UNDERSTAND, fresh(), b"this is not a DICOM data set" * 8)
     ds = fresh()
     add("truncated", CANNOT_UNDERSTAND, ds, encode_body(ds)[:-700])
+    ds = make_ct_series(1, 128, 128)[0]  # Pixel Data the header parse skips, not reads
+    add("truncated_large", CANNOT_UNDERSTAND, ds, encode_body(ds)[:-700])
     ds = fresh()
     del ds.PixelData
     add("no_pixel_data", DATASET_MISMATCH, ds)

@@ -246,7 +246,7 @@ _DEFER_BYTES = 4096
 
 
 def read_header(data: bytes) -> Dataset:
-    """Parse only :data:`HEADER_TAGS` of a Part 10 byte string; pixels are not read.
+    """Parse only :data:`HEADER_TAGS` of a Part 10 byte string; pixels stay raw bytes.
 
     pydicom's reader is lenient: it stops quietly at garbage and hands back short values.
     So a stream that yields neither SOP Class nor SOP Instance UID, or an element shorter
@@ -258,7 +258,10 @@ def read_header(data: bytes) -> Dataset:
         For a stream that cannot be read, is truncated, or is not a dataset at all.
     """
     try:
-        ds = dcmread(BytesIO(data), specific_tags=list(HEADER_TAGS), defer_size=_DEFER_BYTES)
+        # No deferred reads here: pydicom inflates a deflated dataset into a stream of
+        # its own, so the deferred-length check below would compare against the wrong
+        # size. This path serves deflated datasets and start-up recovery only.
+        ds = dcmread(BytesIO(data), specific_tags=list(HEADER_TAGS))
     except Exception as exc:
         raise Undecodable(type(exc).__name__) from None
     return _complete(ds, len(data))
