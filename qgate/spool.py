@@ -110,14 +110,14 @@ def write_temp(
     # Unique per writer thread (two associations may carry the same instance at once);
     # cheaper than mkstemp's random names, which matters on the C-STORE path.
     tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}"
-    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    parts = [data] if isinstance(data, Buffer) else data
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, views)
-            if start_writeback and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if start_writeback:
+                _dontneed(fd)
         finally:
             os.close(fd)
     except BaseException:
@@ -137,14 +137,20 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
                 written = 0
 
 
+def _dontneed(fd: int) -> None:
+    """Evict a file's clean pages; for dirty ones, start their writeback (module docstring)."""
+    if hasattr(os, "posix_fadvise"):  # not on macOS
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def fsync_file(path: Path, *, drop_cache: bool = False) -> None:
     """Flush a file's data and metadata to disk; with ``drop_cache``, then evict its
     now clean pages from the page cache (see the module docstring)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        if drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if drop_cache:
+            _dontneed(fd)
     finally:
         os.close(fd)
 
