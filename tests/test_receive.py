@@ -331,9 +331,9 @@ def test_every_accepted_transfer_syntax_round_trips(
 ) -> None:
     assert set(STORESCU_PROPOSE) == set(TRANSFER_SYNTAXES) == set(MAKERS)
     # 128 x 128: Pixel Data larger than what the header parse reads (it skips it).
-    originals = [
-        *make_ct_series(len(MAKERS), 128, 128, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
-    ]
+    originals = make_ct_series(
+        len(MAKERS), 128, 128, patient_name=PATIENT_NAME, patient_id=PATIENT_ID
+    )
     sources = write_series(originals, tmp_path / "in")
     # Keyed by Instance Number: dcmtk's lossy encoders assign a new SOP Instance UID.
     sent: dict[int, tuple[UID, Dataset]] = {}
