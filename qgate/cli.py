@@ -16,7 +16,56 @@ from qgate.config import Settings, load_settings
 
 
 def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj["settings"]  # type: ignore[no-any-return]
+    """The settings, loaded on first use: a subcommand's ``--config`` is parsed only after
+    the group's callback has run, so loading cannot happen there."""
+    state = ctx.find_root().ensure_object(dict)
+    if "settings" not in state:
+        try:
+            settings = load_settings(state.get("config_path"))
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        verbose = bool(state.get("verbose"))
+        default = getattr(logging, settings.log_level.upper(), logging.INFO)
+        level = logging.DEBUG if verbose else default
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not verbose:
+            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        state["settings"] = settings
+    return state["settings"]  # type: ignore[no-any-return]
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    """Callback of every ``--config``: the root context keeps the file for :func:`_settings`."""
+    if value is None:
+        return
+    state = ctx.find_root().ensure_object(dict)
+    earlier = state.get("config_path")
+    if earlier is not None and earlier != value:
+        raise click.UsageError(f"--config given twice, as {earlier} and as {value}")
+    state["config_path"] = value
+
+
+def _config_option() -> click.Option:
+    return click.Option(
+        ["--config", "config_path"],
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=_remember_config,
+        help="config file (default: $QGATE_CONFIG, else ./config.yaml if present)",
+    )
+
+
+class _Group(click.Group):
+    """A group whose commands and subgroups all take ``--config``, so ``qgate serve
+    --config PATH`` works as well as ``qgate --config PATH serve``."""
+
+    group_class = type  # subgroups made with @group.group() are _Group too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "config_path" for p in cmd.params):
+            cmd.params.append(_config_option())
+        super().add_command(cmd, name)
 
 
 def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
@@ -43,27 +92,15 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-@click.group()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="config file (default: $QGATE_CONFIG, else ./config.yaml if present)",
-)
+@click.group(cls=_Group, params=[_config_option()])
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
-    """qgate: a DICOM quality gate for CT."""
-    try:
-        settings = load_settings(config_path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    level = logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    ctx.obj = {"settings": settings}
+def main(ctx: click.Context, verbose: bool) -> None:
+    """qgate: a DICOM quality gate for CT.
+
+    --config PATH is accepted before or after the command name.
+    """
+    ctx.ensure_object(dict)["verbose"] = verbose
 
 
 @main.command()

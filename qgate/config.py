@@ -20,6 +20,29 @@ from pydantic_settings import (
 
 _AE_MAX = 16
 
+#: Names qgate's data folder: the default ``storage.root`` and the folder of the default
+#: SQLite database. The systemd unit and the container images set it (/var/lib/qgate).
+HOME_ENV = "QGATE_HOME"
+#: Without QGATE_HOME: ``var`` under the working directory, the embedded default of a
+#: checkout (`qgate serve` in the repository keeps everything in ./var).
+DEFAULT_HOME = Path("var")
+
+
+def default_home() -> Path:
+    """``$QGATE_HOME`` if set (it must be absolute), else ``./var``.
+
+    Only defaults follow it: ``storage.root`` and ``database.url`` set in the config file
+    or the environment win.
+    """
+    env = os.environ.get(HOME_ENV)
+    if not env:
+        return DEFAULT_HOME
+    home = Path(env)
+    if not home.is_absolute():
+        # A relative home would move with the working directory, the bug it exists to fix.
+        raise ValueError(f"{HOME_ENV} must be an absolute path, got {env!r}")
+    return home
+
 
 def _check_ae(value: str) -> str:
     value = value.strip()
@@ -64,12 +87,14 @@ class SeriesConfig(BaseModel):
 
 
 class DatabaseConfig(BaseModel):
-    url: str = "sqlite:///var/qgate.db"
+    # Unset: SQLite (WAL) at <home>/qgate.db (see default_home).
+    url: str = Field(default_factory=lambda: f"sqlite:///{default_home() / 'qgate.db'}")
     echo: bool = False
 
 
 class StorageConfig(BaseModel):
-    root: Path = Path("./var")
+    # spool/, outgoing/, quarantine/, models/ and the web key. Unset: default_home().
+    root: Path = Field(default_factory=default_home)
     # fsync each instance under its final name before answering Success (power-loss
     # safety): one flush, which on ext4/XFS/btrfs also commits the rename (qgate/spool.py).
     fsync: bool = True

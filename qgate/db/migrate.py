@@ -1,18 +1,58 @@
-"""Run Alembic programmatically, so ``qgate db upgrade`` needs no alembic.ini in the cwd."""
+"""Run Alembic programmatically, so ``qgate db upgrade`` needs no alembic.ini in the cwd.
+
+The script directory is the top-level ``migrations`` package (``migrations/`` in the
+repository), which the wheel ships beside ``qgate``; it is located through
+:mod:`importlib.resources`, so an installed qgate migrates from any working directory.
+"""
 
 from __future__ import annotations
 
+import importlib
+from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_PACKAGE = "migrations"
+
+
+class MigrationsNotFound(RuntimeError):
+    """qgate's migrations package is missing or shadowed by another ``migrations``."""
+
+
+def migrations_dir() -> Path:
+    """The folder of qgate's Alembic scripts (``env.py``, ``versions/``).
+
+    Raises
+    ------
+    MigrationsNotFound
+        When ``migrations`` cannot be imported, is another project's package, or is not
+        a plain folder on disk (Alembic reads the scripts by path).
+    """
+    try:
+        package = importlib.import_module(MIGRATIONS_PACKAGE)
+    except ImportError as exc:
+        raise MigrationsNotFound(
+            "qgate's migrations package is not installed; reinstall qgate "
+            "(an editable install made before migrations/ became a package needs "
+            "`pip install -e .` again)"
+        ) from exc
+    if getattr(package, "OWNER", None) != "qgate":
+        raise MigrationsNotFound(
+            f"the 'migrations' package at {getattr(package, '__file__', '?')} is not "
+            "qgate's (another project's migrations/ shadows it, e.g. from the working "
+            "directory)"
+        )
+    path = Path(str(files(package)))
+    if not (path / "env.py").is_file():
+        raise MigrationsNotFound(f"qgate's migrations are not a folder on disk: {path}")
+    return path
 
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolation would eat a literal '%' in a password.
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
