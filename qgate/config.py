@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,12 +62,73 @@ def _check_ae(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae)]
 
 
+class TLSConfig(BaseModel):
+    """DICOM TLS (TLS 1.2 or newer) of one side of qgate's associations (qgate.tls).
+
+    ``dicom.tls`` (the SCP): ``certificate`` and ``private_key`` are qgate's; a client
+    presenting a certificate must chain to ``ca_bundle``, and with
+    ``require_client_certificate`` a client without one is refused.
+    ``archive.tls`` (the SCU): the archive's certificate is always verified, against
+    ``ca_bundle`` (unset: the system's CAs) and for ``server_hostname`` (unset:
+    ``archive.host``); ``certificate``/``private_key`` are presented when set, and
+    ``require_client_certificate`` says the archive demands them (checked at load).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    certificate: Path | None = None  # PEM
+    private_key: Path | None = None  # PEM, unencrypted (the service starts unattended)
+    ca_bundle: Path | None = None  # PEM file of trusted CA certificates
+    require_client_certificate: bool = False
+    # SCU only: the name the archive's certificate must carry.
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> TLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key are set together")
+        if self.enabled and self.require_client_certificate and self.certificate is None:
+            # On the SCP it is qgate's own certificate; on the SCU the one the archive wants.
+            raise ValueError("tls.require_client_certificate needs tls.certificate")
+        return self
+
+
+class AllowedPeer(BaseModel):
+    """A calling AE title and the address (or network, CIDR) it must call from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: AETitle
+    host: str
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            # Names would need DNS at every association and can be spoofed: addresses only.
+            raise ValueError(f"allowed_peers host must be an IP address or network: {exc}") from exc
+        return value
+
+
 class DicomConfig(BaseModel):
     ae_title: AETitle = "QGATE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     # Empty list accepts any calling AE title.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    # Empty list: any (AE title, address) pair. Else an association is accepted only from
+    # a calling AE title and address listed together (A-ASSOCIATE-RJ otherwise).
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    # Refuse associations whose called AE title is not ae_title (A-ASSOCIATE-RJ).
+    require_called_aet: bool = True
+    # Associations served at once; more are refused (transient, local limit exceeded).
+    maximum_associations: int = Field(10, ge=1)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
     # Seconds an idle association may stay open before pynetdicom aborts it.
     network_timeout: float = 60.0
     # Sanity limits: anything larger is rejected with 0xA900 before it reaches the disk.
@@ -75,6 +144,7 @@ class ArchiveConfig(BaseModel):
     # The AE title qgate uses when it calls the archive.
     calling_ae_title: AETitle = "QGATE"
     timeout: float = 30.0
+    tls: TLSConfig = Field(default_factory=TLSConfig)
 
 
 class SeriesConfig(BaseModel):
@@ -106,6 +176,10 @@ class StorageConfig(BaseModel):
     # later, and new instances then reuse memory instead of growing the cache
     # (qgate/spool.py).
     drop_page_cache: bool = True
+    # Free-space watermark of the file system under root, in MiB: below it new
+    # associations are refused (A-ASSOCIATE-RJ, transient, local limit exceeded) and
+    # /healthz answers 503 with the reason, until space is freed (qgate purge). 0: off.
+    min_free_mb: int = Field(1024, ge=0)
 
 
 class QueueConfig(BaseModel):
@@ -186,6 +260,17 @@ def _default_thresholds() -> list[Threshold]:
 class GateConfig(BaseModel):
     mode: Literal["observe", "forward", "gate"] = "observe"
     thresholds: list[Threshold] = Field(default_factory=_default_thresholds)
+    # A series whose scoring failed for good (its job parked): "forward" sends the
+    # originals unscored (fail open), "hold" keeps them until released (fail closed).
+    # Unset: forward in forward mode, hold in gate mode (observe never sends originals).
+    on_failure: Literal["forward", "hold"] | None = None
+
+    @property
+    def failure_action(self) -> Literal["forward", "hold"] | None:
+        """What happens to a failed series' originals; None in observe mode."""
+        if self.mode == "observe":
+            return None
+        return self.on_failure or ("forward" if self.mode == "forward" else "hold")
 
 
 class LearnedScorerConfig(BaseModel):
@@ -248,6 +333,49 @@ class WebConfig(BaseModel):
     session_hours: float = Field(12.0, gt=0)
     # Worklist rows per page.
     page_size: int = Field(25, ge=5, le=200)
+    # Login throttling: after this many failed logins for one user name (known or not)
+    # within login_window_minutes, further attempts for that name are refused without a
+    # password check until the oldest failure leaves the window; likewise per client
+    # address with login_max_failures_per_address. Counted from the audit log, so every
+    # node of an installation sees the same count.
+    login_max_failures: int = Field(5, ge=1)
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_window_minutes: float = Field(15.0, gt=0)
+
+
+class RetentionConfig(BaseModel):
+    """What ``qgate purge`` and the scheduled purge delete (qgate.retention).
+
+    Ages are in days (fractions allowed; 0: at the next run); null keeps that kind of data
+    forever. Nothing unsent or unscored is deleted, whatever the ages: spool originals go
+    only from a scored series that is not held and has no unsent or dead send, and
+    outgoing files only once their send succeeded.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Run the purge on `cron` inside `qgate serve`.
+    enabled: bool = True
+    cron: str = "17 * * * *"
+    # Spool originals of a series, this long after the archive acknowledged every one of
+    # them (forward and gate modes).
+    delivered_originals_days: float | None = Field(1.0, ge=0)
+    # Spool originals of a series qgate does not forward (observe mode), this long after
+    # it was scored. Retraining reads reviewed series from the spool: a purged series no
+    # longer trains.
+    scored_originals_days: float | None = Field(30.0, ge=0)
+    # Files under outgoing/ (SR, quality maps), this long after their send succeeded.
+    # The review app's quality-map views read them.
+    sent_outgoing_days: float | None = Field(30.0, ge=0)
+    # Rows of the bookkeeping trail (events).
+    events_days: float | None = Field(365.0, ge=0)
+    # Rows of the review app's audit log; unset by default (a compliance record).
+    audit_days: float | None = Field(None, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        return _check_crontab(value, "retention.cron")
 
 
 class RetrainConfig(BaseModel):
@@ -288,13 +416,17 @@ class RetrainConfig(BaseModel):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
+        return _check_crontab(value, "retrain.cron")
 
-        try:
-            CronTrigger.from_crontab(value)
-        except ValueError as exc:
-            raise ValueError(f"retrain.cron {value!r} is not a 5-field crontab: {exc}") from exc
-        return value
+
+def _check_crontab(value: str, key: str) -> str:
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(value)
+    except ValueError as exc:
+        raise ValueError(f"{key} {value!r} is not a 5-field crontab: {exc}") from exc
+    return value
 
 
 class Settings(BaseSettings):
@@ -315,6 +447,7 @@ class Settings(BaseSettings):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @classmethod
     def settings_customise_sources(

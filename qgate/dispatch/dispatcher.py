@@ -29,6 +29,7 @@ from qgate.dispatch.outbox import (
     renew,
 )
 from qgate.dispatch.scu import SendResult, send_files
+from qgate.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,16 @@ def _send(
                 log.warning("outbox %d: lease lost after %d/%d files", item.id, done, total)
         last_renewal = time.monotonic()
 
+    tls = settings.archive.tls
     return send_files(
         item.paths,
         destination_of(item),
         calling_aet=settings.archive.calling_ae_title,
         timeout=settings.archive.timeout,
         progress=progress,
+        # Built per send: a renewed certificate or CA file is picked up without a restart.
+        tls=client_context(tls) if tls.enabled else None,
+        server_hostname=tls.server_hostname,
     )
 
 

@@ -15,11 +15,16 @@ Statuses 0x0000 and the storage warnings 0xB000, 0xB006, 0xB007 count as stored;
 status, a missing response, or an association that is rejected, aborted or times out is a
 failure with a message that names the destination and the cause. Logs carry UIDs and
 paths only, never patient data.
+
+With ``tls`` the association runs over TLS (``AE.associate(tls_args=...)``): the
+archive's certificate is verified by the context (:func:`qgate.tls.client_context`), and a
+failed handshake is an association failure like a refused connection.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +257,8 @@ def send_files(
     calling_aet: str,
     timeout: float,
     progress: ProgressFn | None = None,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> SendResult:
     """C-STORE every file in ``paths`` to ``dest`` over one association.
 
@@ -268,6 +275,10 @@ def send_files(
         network inactivity.
     progress : callable, optional
         Called as ``progress(done, total)`` after each file (e.g. to renew a lease).
+    tls : ssl.SSLContext, optional
+        Associate over TLS with this client context.
+    server_hostname : str, optional
+        The name the peer's certificate must carry; defaults to ``dest.host``.
 
     Returns
     -------
@@ -297,9 +308,13 @@ def send_files(
     ae.connection_timeout = timeout
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = (tls, server_hostname or dest.host) if tls is not None else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        return _finish(dest, outcomes, headers, _association_error(assoc, dest), 1, started)
+        error = _association_error(assoc, dest)
+        if tls is not None and not assoc.is_rejected and not assoc.is_aborted:
+            error += " (or the TLS handshake failed; see the log)"
+        return _finish(dest, outcomes, headers, error, 1, started)
 
     error: str | None = None
     try:

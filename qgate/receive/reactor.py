@@ -31,6 +31,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,9 @@ REACTOR_WAIT_SECONDS = 0.005
 
 #: Longest wait of the DUL thread in ``select`` before it re-checks its timers (ARTIM).
 DUL_WAIT_SECONDS = 0.005
+
+#: Longest TLS handshake of a new connection before it is dropped.
+HANDSHAKE_TIMEOUT_SECONDS = 30.0
 
 
 class LowLatencyAssociation(Association):
@@ -215,7 +219,34 @@ class LowLatencyRequestHandler(RequestHandler):
     """pynetdicom's request handler, whose associations use :class:`LowLatencyAssociation`,
     :class:`LowLatencyDUL`, :class:`BulkRecvSocket` and
     :class:`~qgate.receive.storersp.StoreResponseDIMSE`, without pynetdicom's logging
-    handlers unless the ``pynetdicom`` logger is at INFO or below."""
+    handlers unless the ``pynetdicom`` logger is at INFO or below.
+
+    A TLS connection is handshaken here, on the connection's own thread (see
+    :class:`DeferredHandshakeServer`); one that fails the handshake (a plain-TCP client,
+    an untrusted or missing client certificate) is closed before any association exists.
+    The classes above work on the TLS socket unchanged: ``recv_into`` and ``select`` on an
+    ``SSLSocket`` read decrypted data, and pynetdicom's ``ready()`` (called first in
+    :meth:`LowLatencyDUL._is_transport_event`) checks ``pending()`` for bytes already
+    decrypted but not yet read.
+    """
+
+    def handle(self) -> None:
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock):
+            self.server.shutdown_request(sock)
+            return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        timeout = sock.gettimeout()
+        sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, reset, timeout
+            LOGGER.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+            return False
+        sock.settimeout(timeout)
+        return True
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -233,15 +264,39 @@ class LowLatencyRequestHandler(RequestHandler):
         return assoc
 
 
+class DeferredHandshakeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, but a TLS handshake runs on the connection's thread.
+
+    pynetdicom wraps an accepted socket with the handshake on connect, in the one thread
+    that accepts every connection: a client that connects and stays silent would hold up
+    all other connections for the network timeout. Here the socket is wrapped without
+    the handshake, which :class:`LowLatencyRequestHandler` then performs.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+
 def start_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[evt.EventHandlerType]
+    ae: AE,
+    address: tuple[str, int],
+    evt_handlers: list[evt.EventHandlerType],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ThreadedAssociationServer:
-    """``ae.start_server(address, block=False, evt_handlers=...)`` with
+    """``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` with
     :class:`LowLatencyRequestHandler`; stop it with the server's ``shutdown()``."""
     server = ae.make_server(
         address,
+        ssl_context=ssl_context,
         evt_handlers=evt_handlers,
-        server_class=ThreadedAssociationServer,
+        server_class=DeferredHandshakeServer,
         request_handler=LowLatencyRequestHandler,
     )
     thread = threading.Thread(

@@ -14,7 +14,15 @@ What qgate accepts at association negotiation:
   Any other syntax is rejected at negotiation. The bytes are stored as received; pixels
   are decoded later, by pydicom with the pylibjpeg plugins.
 * A non-empty ``dicom.allowed_calling_aets`` rejects associations from any other calling
-  AE title (A-ASSOCIATE-RJ, "calling AE title not recognised").
+  AE title (A-ASSOCIATE-RJ, "calling AE title not recognised"); so does a non-empty
+  ``dicom.allowed_peers`` for an AE title calling from an address not listed with it.
+* ``dicom.require_called_aet`` rejects a called AE title other than ``dicom.ae_title``
+  ("called AE title not recognised"); ``dicom.maximum_associations`` caps associations
+  served at once ("local limit exceeded"); below ``storage.min_free_mb`` of free space
+  every new association is refused, as transient (:mod:`qgate.receive.policy`).
+* ``dicom.tls.enabled``: the port speaks DICOM TLS only (TLS 1.2+, :mod:`qgate.tls`); a
+  plain-TCP client, or one whose certificate is missing (when required) or untrusted,
+  fails the handshake and is disconnected.
 
 ``maximum_pdu_size = 0`` lets the peer send PDUs of any size, and the handler writes
 the encoded dataset as received, never decoding it (the fast path; see
@@ -58,8 +66,10 @@ from qgate.receive.handlers import (
     handle_release,
     handle_store,
 )
+from qgate.receive.policy import handle_requested
 from qgate.receive.reactor import start_server
 from qgate.spool import ensure_dir
+from qgate.tls import server_context
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ImplicitVRLittleEndian,
@@ -84,6 +94,8 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_pdu_size = 0
     ae.network_timeout = cfg.network_timeout
     ae.require_calling_aet = list(cfg.allowed_calling_aets)
+    ae.require_called_aet = cfg.require_called_aet
+    ae.maximum_associations = cfg.maximum_associations
     ae.add_supported_context(Verification)
     for sop_class in CT_STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -93,6 +105,7 @@ def build_ae(settings: Settings) -> AE:
 def event_handlers(ctx: ReceiveContext) -> list[evt.EventHandlerType]:
     """Handlers with ``ctx`` bound as their extra argument."""
     return [
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_RELEASED, handle_release, [ctx]),
@@ -113,8 +126,8 @@ def start_scp(
     Parameters
     ----------
     settings : qgate.config.Settings
-        Uses ``dicom`` (AE title, address, whitelist, limits, timeout) and ``storage``
-        (spool root, fsync).
+        Uses ``dicom`` (AE title, address, whitelists, limits, timeout, TLS) and
+        ``storage`` (spool root, fsync, free-space watermark).
     sessions : sqlalchemy.orm.sessionmaker
         Session factory of a migrated SQL store.
     logger : logging.Logger, optional
@@ -128,4 +141,10 @@ def start_scp(
     ensure_dir(settings.spool_dir, fsync=settings.storage.fsync)
     ctx = ReceiveContext(settings=settings, sessions=sessions, logger=logger or LOGGER)
     ae = build_ae(settings)
-    return start_server(ae, (settings.dicom.host, settings.dicom.port), event_handlers(ctx))
+    tls = settings.dicom.tls
+    return start_server(
+        ae,
+        (settings.dicom.host, settings.dicom.port),
+        event_handlers(ctx),
+        ssl_context=server_context(tls) if tls.enabled else None,
+    )
