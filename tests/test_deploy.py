@@ -388,3 +388,27 @@ def test_sysusers_creates_the_qgate_user(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     log = out.stdout + out.stderr
     assert "Creating group 'qgate'" in log and "Creating user 'qgate'" in log
+
+
+# -- the conformance statement ------------------------------------------------------------------
+
+
+def test_conformance_statement_lists_what_the_code_negotiates() -> None:
+    """docs/conformance.md names every SOP class and transfer syntax the SCP accepts, the
+    statuses the SCU counts as stored, and the transfer syntax of the quality maps."""
+    from pydicom.uid import RLELossless
+
+    from qgate.dispatch.scu import STORED_STATUSES
+    from qgate.receive.handlers import CT_STORAGE_SOP_CLASSES
+    from qgate.receive.scp import TRANSFER_SYNTAXES, build_ae
+
+    text = (ROOT / "docs" / "conformance.md").read_text()
+    ae = build_ae(load_settings(None))
+    negotiated = {str(cx.abstract_syntax) for cx in ae.supported_contexts}
+    assert negotiated == {"1.2.840.10008.1.1", *map(str, CT_STORAGE_SOP_CLASSES)}
+    for uid in negotiated | {str(ts) for cx in ae.supported_contexts for ts in cx.transfer_syntax}:
+        assert uid in text, uid
+    assert {str(ts) for ts in TRANSFER_SYNTAXES} <= set(re.findall(r"1\.2\.840\.10008[\d.]+", text))
+    for status in STORED_STATUSES - {0}:
+        assert f"0x{status:04X}" in text
+    assert str(RLELossless) in text

@@ -25,9 +25,12 @@ import time
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from qgate.cli import main
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +211,53 @@ def test_wheel_installed_elsewhere_migrates_and_answers_echo(tmp_path: Path) -> 
     )
     assert stopped.returncode == 1
     assert f"DICOM port {dicom_port}" in stopped.stderr and f":{web_port}/healthz" in stopped.stderr
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*prefix, name))
+    return out
+
+
+def test_every_command_takes_config_before_or_after_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = _commands(main)
+    assert ("serve",) in commands and ("db", "upgrade") in commands
+    for path in commands:
+        cmd: click.Command = main
+        for name in path:
+            assert isinstance(cmd, click.Group)
+            cmd = cmd.commands[name]
+        assert "--config" in [o for p in cmd.params for o in p.opts], path
+
+    monkeypatch.chdir(tmp_path)
+    for key in list(os.environ):
+        if key.startswith("QGATE_"):
+            monkeypatch.delenv(key)
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path / name}.db"}}))
+        return path
+
+    a, b, c = config("a"), config("b"), config("c")
+    runner = CliRunner()
+    for args, made in [
+        (["db", "upgrade", "--config", str(a)], "a.db"),
+        (["db", "--config", str(b), "upgrade"], "b.db"),
+        (["--config", str(c), "db", "upgrade", "--config", str(c)], "c.db"),
+    ]:
+        result = runner.invoke(main, args)
+        assert (result.exit_code, result.output.strip()) == (0, "database at head"), args
+        assert (tmp_path / made).is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["a.db", "b.db", "c.db"]
+
+    both = runner.invoke(main, ["--config", str(a), "results", "--config", str(b)])
+    assert both.exit_code == 2
+    assert f"--config given twice, as {a} and as {b}" in both.output
+    missing = runner.invoke(main, ["results", "--json", "--config", str(tmp_path / "no.yaml")])
+    assert missing.exit_code == 1 and "config file not found" in missing.output
