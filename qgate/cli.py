@@ -438,5 +438,69 @@ def user_add(ctx: click.Context, name: str, role: str) -> None:
     click.echo(f"user {name} added ({role})")
 
 
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _change_user(ctx: click.Context, change: Any, done: str) -> None:
+    """Run ``change(session)`` (a qgate.users function, audited as by "cli") and commit."""
+    from qgate.users import UserError
+
+    with _sessions(_settings(ctx))() as session:
+        try:
+            change(session)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from exc
+        session.commit()
+    click.echo(done)
+
+
+@user.command("disable")
+@click.argument("name")
+@click.pass_context
+def user_disable(ctx: click.Context, name: str) -> None:
+    """Disable user NAME: no logins; open sessions end at their next request."""
+    from qgate.users import set_active
+
+    _change_user(ctx, lambda s: set_active(s, username=name, active=False), f"user {name} disabled")
+
+
+@user.command("enable")
+@click.argument("name")
+@click.pass_context
+def user_enable(ctx: click.Context, name: str) -> None:
+    """Re-enable user NAME."""
+    from qgate.users import set_active
+
+    _change_user(ctx, lambda s: set_active(s, username=name, active=True), f"user {name} enabled")
+
+
+@user.command("password")
+@click.argument("name")
+@click.pass_context
+def user_password(ctx: click.Context, name: str) -> None:
+    """Reset the password of NAME (read from stdin, prompted for on a terminal)."""
+    from qgate.users import reset_password
+
+    password = _read_password()
+    _change_user(
+        ctx,
+        lambda s: reset_password(s, username=name, password=password),
+        f"password of {name} reset",
+    )
+
+
+@user.command("unlock")
+@click.argument("name")
+@click.pass_context
+def user_unlock(ctx: click.Context, name: str) -> None:
+    """Forget the failed logins that throttle NAME."""
+    from qgate.users import unlock_user
+
+    _change_user(ctx, lambda s: unlock_user(s, username=name), f"user {name} unlocked")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,7 +71,8 @@ def test_login_is_required_everywhere_but_healthz_and_metrics(client: TestClient
     assert r.status_code == 401
 
     health = client.get("/healthz")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "database": "ok"}
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "database": "ok", "disk": "ok"}
     assert client.get("/metrics").status_code == 200
 
     # The session cookie is HttpOnly and SameSite; the pages carry no-store and a CSP.

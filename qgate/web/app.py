@@ -124,7 +124,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.state.sessions = sessions
     app.state.templates = make_templates()
     app.state.images = MapImages()
-    app.state.metrics = make_registry(sessions)
+    app.state.metrics = make_registry(sessions, settings)
 
     app.include_router(monitoring_router)
     app.include_router(api_router)

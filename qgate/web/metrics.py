@@ -20,7 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from qgate.config import Settings
 from qgate.db.models import Event, Instance, Job, OutboxItem, Result, Series, Verdict
+from qgate.diskspace import disk_space
 
 #: Upper bounds (seconds) of the scoring-latency histogram buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -128,8 +130,41 @@ class SqlCollector(Collector):
         )
 
 
-def make_registry(sessions: sessionmaker[Session]) -> CollectorRegistry:
-    """A registry of its own (not the process-global one) holding :class:`SqlCollector`."""
+class DiskCollector(Collector):
+    """Free space under ``storage.root`` and whether the receive stage refuses for it
+    (:mod:`qgate.diskspace`); measured on this node at scrape time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        space = disk_space(self.settings)
+        yield GaugeMetricFamily(
+            "qgate_storage_free_bytes",
+            "Free bytes on the file system of storage.root.",
+            value=space.free_bytes,
+        )
+        yield GaugeMetricFamily(
+            "qgate_storage_min_free_bytes",
+            "storage.min_free_mb in bytes: below it new associations are refused.",
+            value=space.min_free_bytes,
+        )
+        refusing = GaugeMetricFamily(
+            "qgate_receive_refusing_associations",
+            "1 while new DICOM associations are refused, labelled with the reason.",
+            labels=["reason"],
+        )
+        refusing.add_metric(["disk_low"], 1 if space.low else 0)
+        yield refusing
+
+
+def make_registry(sessions: sessionmaker[Session], settings: Settings) -> CollectorRegistry:
+    """A registry of its own (not the process-global one) holding :class:`SqlCollector`
+    and :class:`DiskCollector`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SqlCollector(sessions))
+    registry.register(DiskCollector(settings))
     return registry

@@ -187,3 +187,5 @@ class AuditPage(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "error"]
     database: str
+    # "ok", or why new DICOM associations are refused (free space below the watermark).
+    disk: str = "ok"

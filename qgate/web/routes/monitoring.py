@@ -9,21 +9,26 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
-from qgate.web.deps import SessionDep
+from qgate.diskspace import disk_space
+from qgate.web.deps import SessionDep, SettingsDep
 from qgate.web.schemas import Health
 
 router = APIRouter(tags=["monitoring"])
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-def healthz(session: SessionDep) -> Response:
-    """200 when the database answers, else 503."""
+def healthz(session: SessionDep, settings: SettingsDep) -> Response:
+    """200 when the database answers and free space is above ``storage.min_free_mb``;
+    else 503, with the reason in ``database`` or ``disk``."""
+    database = "ok"
     try:
         session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        body = Health(status="error", database=type(exc).__name__)
-        return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(Health(status="ok", database="ok").model_dump())
+        database = type(exc).__name__
+    disk = disk_space(settings).reason or "ok"
+    healthy = database == "ok" and disk == "ok"
+    body = Health(status="ok" if healthy else "error", database=database, disk=disk)
+    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,13 +1,24 @@
-"""``/api/me``, ``/api/users`` (admin) and ``/api/audit`` (admin)."""
+"""``/api/me``, ``/api/users`` (admin: list, add, disable/enable, reset password, unlock)
+and ``/api/audit`` (admin). Every change is audited in its transaction."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from pydantic import BaseModel, Field
 
-from qgate.users import UserError, create_user
+from qgate.db.models import User
+from qgate.users import (
+    UserError,
+    create_user,
+    get_user,
+    reset_password,
+    set_active,
+    unlock_user,
+)
 from qgate.web import crud
 from qgate.web.deps import AdminUser, CurrentUser, SessionDep
 from qgate.web.schemas import AuditEntryPublic, AuditPage, Me, UserCreate, UserPublic
@@ -42,6 +53,63 @@ def add_user(body: UserCreate, session: SessionDep, user: AdminUser) -> UserPubl
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     session.commit()
     return UserPublic.model_validate(created)
+
+
+class PasswordReset(BaseModel):
+    password: str = Field(min_length=8, max_length=1024)
+
+
+def _change(session: SessionDep, username: str, change: Callable[[], User]) -> UserPublic:
+    if get_user(session, username=username) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no user {username!r}")
+    try:
+        changed = change()
+    except UserError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    session.commit()
+    return UserPublic.model_validate(changed)
+
+
+@router.post("/users/{username}/disable", response_model=UserPublic)
+def disable_user(username: str, session: SessionDep, user: AdminUser) -> UserPublic:
+    """Disable a user: no logins, open sessions end (audited). Admins only."""
+    return _change(
+        session,
+        username,
+        lambda: set_active(session, username=username, active=False, by=user.username),
+    )
+
+
+@router.post("/users/{username}/enable", response_model=UserPublic)
+def enable_user(username: str, session: SessionDep, user: AdminUser) -> UserPublic:
+    """Re-enable a disabled user (audited). Admins only."""
+    return _change(
+        session,
+        username,
+        lambda: set_active(session, username=username, active=True, by=user.username),
+    )
+
+
+@router.post("/users/{username}/password", response_model=UserPublic)
+def reset_user_password(
+    username: str, body: PasswordReset, session: SessionDep, user: AdminUser
+) -> UserPublic:
+    """Set a new password; the user's sessions end (audited, without the password)."""
+    return _change(
+        session,
+        username,
+        lambda: reset_password(
+            session, username=username, password=body.password, by=user.username
+        ),
+    )
+
+
+@router.post("/users/{username}/unlock", response_model=UserPublic)
+def unlock(username: str, session: SessionDep, user: AdminUser) -> UserPublic:
+    """Forget the failed logins that throttle this user name (audited). Admins only."""
+    return _change(
+        session, username, lambda: unlock_user(session, username=username, by=user.username)
+    )
 
 
 @router.get("/audit", response_model=AuditPage)

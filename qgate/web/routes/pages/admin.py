@@ -1,15 +1,24 @@
-"""Admin pages: users (list, add) and the audit log."""
+"""Admin pages: users (list, add, disable/enable, reset password, unlock) and the audit
+log. Every change is audited in its transaction (:mod:`qgate.users`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from qgate.users import ROLES, UserError, create_user
+from qgate.users import (
+    ROLES,
+    UserError,
+    create_user,
+    reset_password,
+    set_active,
+    unlock_user,
+)
 from qgate.web import crud
 from qgate.web.deps import AdminUser, SessionDep
 from qgate.web.templating import flash, render
@@ -49,6 +58,66 @@ def add_user(
     return RedirectResponse("/admin/users", status.HTTP_303_SEE_OTHER)
 
 
+def _user_change(
+    request: Request, session: SessionDep, change: Callable[[], object], done: str
+) -> Response:
+    try:
+        change()
+    except UserError as exc:
+        session.rollback()
+        flash(request, "error", f"Not done: {exc}")
+    else:
+        session.commit()
+        flash(request, "ok", done)
+    return RedirectResponse("/admin/users", status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/users/{username}/disable")
+def disable_user(request: Request, session: SessionDep, user: AdminUser, username: str) -> Response:
+    return _user_change(
+        request,
+        session,
+        lambda: set_active(session, username=username, active=False, by=user.username),
+        f"User {username} disabled; their sessions have ended.",
+    )
+
+
+@router.post("/users/{username}/enable")
+def enable_user(request: Request, session: SessionDep, user: AdminUser, username: str) -> Response:
+    return _user_change(
+        request,
+        session,
+        lambda: set_active(session, username=username, active=True, by=user.username),
+        f"User {username} enabled.",
+    )
+
+
+@router.post("/users/{username}/password")
+def reset_user_password(
+    request: Request,
+    session: SessionDep,
+    user: AdminUser,
+    username: str,
+    password: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    return _user_change(
+        request,
+        session,
+        lambda: reset_password(session, username=username, password=password, by=user.username),
+        f"Password of {username} reset; their sessions have ended.",
+    )
+
+
+@router.post("/users/{username}/unlock")
+def unlock(request: Request, session: SessionDep, user: AdminUser, username: str) -> Response:
+    return _user_change(
+        request,
+        session,
+        lambda: unlock_user(session, username=username, by=user.username),
+        f"Failed logins of {username} forgotten.",
+    )
+
+
 @router.get("/audit")
 def audit_page(
     request: Request,
@@ -69,5 +138,17 @@ def audit_page(
         pages=max(1, math.ceil(total / per_page)),
         total=total,
         action=action or "",
-        actions=["login", "login_failed", "logout", "verdict", "release", "user_add"],
+        actions=[
+            "login",
+            "login_failed",
+            "login_throttled",
+            "logout",
+            "verdict",
+            "release",
+            "user_add",
+            "user_disable",
+            "user_enable",
+            "password_reset",
+            "user_unlock",
+        ],
     )

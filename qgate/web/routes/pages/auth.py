@@ -1,4 +1,9 @@
-"""Log in and out. A new session (and CSRF token) starts at every login."""
+"""Log in and out. A new session (and CSRF token) starts at every login.
+
+Failed logins are throttled (:func:`qgate.users.login_throttle`, ``web.login_*``): a
+refused attempt answers 429 without checking the password and is audited as
+``login_throttled``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from qgate.users import authenticate
+from qgate.users import authenticate, login_throttle
 from qgate.web import crud
 from qgate.web.deps import (
     LoginRequired,
     SessionDep,
+    SettingsDep,
     client_addr,
     get_current_user,
     password_stamp,
@@ -37,19 +43,47 @@ def login_page(request: Request, session: SessionDep, next: str | None = None) -
 def login(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     username: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
+    username = username.strip()
+    addr = client_addr(request)
+    throttle = login_throttle(session, username=username, remote_addr=addr, web=settings.web)
+    if throttle is not None:
+        crud.audit(
+            session,
+            user=None,
+            username=username,
+            action="login_throttled",
+            detail={
+                "scope": throttle.scope,
+                "retry_after_s": int(throttle.retry_after.total_seconds()),
+            },
+            remote_addr=addr,
+        )
+        session.commit()
+        response = render(
+            request,
+            "login.html",
+            user=None,
+            next=local_path(next),
+            error=throttle.message,
+            username=username,
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+        )
+        response.headers["Retry-After"] = str(int(throttle.retry_after.total_seconds()) + 1)
+        return response
     user = authenticate(session, username=username, password=password)
     if user is None:
         crud.audit(
             session,
             user=None,
-            username=username[:64],
+            username=username,
             action="login_failed",
             detail={},
-            remote_addr=client_addr(request),
+            remote_addr=addr,
         )
         session.commit()
         return render(
