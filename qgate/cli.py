@@ -145,7 +145,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def score(ctx: click.Context, path: Path, as_json: bool) -> None:
     """Score every CT series under PATH, offline (no network, no database)."""
-    from qgate.pipeline import build_scorers, score_series
+    from qgate.degrade import SkippedPart
+    from qgate.pipeline import NothingScored, build_scorers, score_series
     from qgate.volume import SeriesLoadError, find_series
 
     settings = _settings(ctx)
@@ -154,7 +155,7 @@ def score(ctx: click.Context, path: Path, as_json: bool) -> None:
     for uid, paths in sorted(find_series(path).items()):
         try:
             scored = score_series(paths, scorers, settings.gate.thresholds)
-        except SeriesLoadError as exc:
+        except (SeriesLoadError, NothingScored) as exc:
             results.append(
                 {
                     "series_instance_uid": uid,
@@ -177,6 +178,7 @@ def score(ctx: click.Context, path: Path, as_json: bool) -> None:
                 "scores": scored.scores_json,
                 "slices": vol.n_slices,
                 "skipped": [{"path": str(p), "reason": r} for p, r in scored.loaded.skipped],
+                "skipped_parts": [p.to_json() for p in scored.skipped_parts],
             }
         )
     if as_json:
@@ -195,6 +197,8 @@ def score(ctx: click.Context, path: Path, as_json: bool) -> None:
             click.echo(f"  {name}: {vals}")
         for reason in r["reasons"]:
             click.echo(f"  ! {reason}")
+        for part in r.get("skipped_parts", []):
+            click.echo(f"  - {SkippedPart.from_json(part).describe()}")
 
 
 @main.command()
@@ -223,16 +227,46 @@ def results(ctx: click.Context, series_uid: str | None, as_json: bool) -> None:
 @click.argument("series_uid")
 @click.pass_context
 def release(ctx: click.Context, series_uid: str) -> None:
-    """Forward a series held in gate mode to the archive."""
-    from qgate.gate import ReleaseError, release_series
+    """Forward a held series (flagged in gate mode, or failed under gate.on_failure: hold)."""
+    from qgate import actions
 
     settings = _settings(ctx)
     with _sessions(settings)() as session:
         try:
-            n = release_series(session, settings, series_uid)
-        except ReleaseError as exc:
+            n = actions.release(session, settings, series_uid=series_uid, actor=actions.CLI)
+        except actions.ActionError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"released {series_uid}: {n} instance(s) queued for the archive")
+
+
+@main.command()
+@click.argument("series_uid")
+@click.pass_context
+def rescore(ctx: click.Context, series_uid: str) -> None:
+    """Score a series again (a failed one, or to supersede its result); audited."""
+    from qgate import actions
+
+    with _sessions(_settings(ctx))() as session:
+        try:
+            job_id = actions.rescore(session, series_uid=series_uid, actor=actions.CLI)
+        except actions.ActionError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"rescore {series_uid}: job {job_id} queued")
+
+
+@main.command()
+@click.argument("series_uid")
+@click.pass_context
+def resubmit(ctx: click.Context, series_uid: str) -> None:
+    """Send a series' dead-lettered sends (results or originals) again; audited."""
+    from qgate import actions
+
+    with _sessions(_settings(ctx))() as session:
+        try:
+            n = actions.resubmit(session, series_uid=series_uid, actor=actions.CLI)
+        except actions.ActionError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"resubmitted {n} send(s) of {series_uid}")
 
 
 @main.group()

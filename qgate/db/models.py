@@ -79,6 +79,10 @@ class Series(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     decision: Mapped[str | None] = mapped_column(String(8))
     held: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The generation whose originals were queued for the archive (forward mode, a release,
+    # or gate.on_failure: forward); a re-score of that generation neither sends nor holds
+    # them again.
+    forwarded_generation: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -137,6 +141,8 @@ class Result(Base):
     seconds: Mapped[float] = mapped_column(Float)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     sr_path: Mapped[str | None] = mapped_column(Text)
+    # Scorers and report objects left out, as qgate.degrade.SkippedPart.to_json() dicts.
+    skipped_parts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -235,7 +241,7 @@ class AuditEntry(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     # Kept as text too, so the trail still reads after a user is renamed or removed.
     username: Mapped[str] = mapped_column(String(64))
-    # login|login_failed|logout|verdict|release|user_add
+    # login|login_failed|logout|verdict|release|rescore|resubmit|user_add
     action: Mapped[str] = mapped_column(String(32), index=True)
     series_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)

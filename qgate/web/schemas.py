@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qgate.degrade import PartKind, SkipReason
 from qgate.users import Role
 
 SCORE_KEY_PATTERN = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-.]+$"
 
 
 class WorklistQuery(BaseModel):
-    """Worklist filter. ``decision``: flag (default) | pass | all (every series, scored or not)."""
+    """Worklist filter. ``decision``: flag (default; flagged or failed series) | pass | all
+    (every series, scored or not)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -108,6 +110,25 @@ class ReleaseResult(BaseModel):
     released_instances: int
 
 
+class RescoreResult(BaseModel):
+    series_instance_uid: str
+    job_id: int = Field(description="the scoring job queued (or requeued, when it was parked)")
+
+
+class ResubmitResult(BaseModel):
+    series_instance_uid: str
+    resubmitted: int = Field(description="dead-lettered sends queued again")
+
+
+class SkippedPartPublic(BaseModel):
+    """A scorer or report object the result left out, and why (qgate.degrade)."""
+
+    kind: PartKind
+    name: str
+    reason: SkipReason
+    detail: str
+
+
 class MapRef(BaseModel):
     index: int
     slice: int = Field(description="0-based index of the scored slice the map shows")
@@ -145,6 +166,10 @@ class SeriesSummary(BaseModel):
     decision: str | None
     reasons: list[str]
     scores: dict[str, Any] = Field(description="series-level outputs (per-slice lists left out)")
+    skipped_parts: list[SkippedPartPublic] = Field(
+        description="scorers and report objects the current result left out"
+    )
+    error: str | None = Field(description="why scoring failed, while status is failed")
     result_id: int | None
     scored_at: dt.datetime | None
     latest_verdict: VerdictPublic | None
