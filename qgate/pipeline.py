@@ -1,22 +1,28 @@
 """Score one series from its files: load, run every scorer, decide.
 
-Pure and database-free, so the worker and the offline ``qgate score`` share it.
+Pure and database-free, so the worker and the offline ``qgate score`` share it. A scorer
+that raises on a series is skipped with a :class:`~qgate.degrade.SkippedPart` and the
+others still count (degrade, don't fail); only a series no scorer could measure fails.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qgate.config import Settings, Threshold
 from qgate.decide import Decision, decide
+from qgate.degrade import PartKind, SkippedPart, SkipReason
 from qgate.scoring import ScoreOutput, Scorer, create_scorer
 from qgate.scoring.learned import set_torch_threads
 from qgate.volume import LoadedSeries, load_series
+
+log = logging.getLogger(__name__)
 
 #: The learned scorers (qgate.scoring.learned), configured by ``scoring.<name>``.
 LEARNED_SCORERS = ("mdiqa", "n2q", "chestiqa")
@@ -29,6 +35,8 @@ class ScoredSeries:
     versions: dict[str, str]
     decision: Decision
     seconds: float
+    #: Scorers that raised on this series; their outputs are absent from ``outputs``.
+    skipped_parts: list[SkippedPart] = field(default_factory=list)
 
     @property
     def scores_json(self) -> dict[str, dict[str, Any]]:
@@ -77,13 +85,42 @@ def scores_json(
     return result
 
 
+class NothingScored(RuntimeError):
+    """Every scorer raised on the series: there is no measurement to report."""
+
+
 def score_series(
     paths: Sequence[Path], scorers: Sequence[Scorer], thresholds: Sequence[Threshold]
 ) -> ScoredSeries:
-    """Load the files of one series, run every scorer on it and apply the gate thresholds."""
+    """Load the files of one series, run every scorer on it and apply the gate thresholds.
+
+    A scorer that raises is skipped and recorded; a threshold on its outputs then flags
+    the series (:func:`qgate.decide.decide`: a gate that cannot measure must not pass).
+
+    Raises
+    ------
+    qgate.volume.SeriesLoadError
+        No usable CT instance.
+    NothingScored
+        Every scorer raised.
+    """
     t0 = time.perf_counter()
     loaded = load_series(paths)
-    outputs = {s.name: s.score(loaded.volume) for s in scorers}
-    versions = {s.name: s.version for s in scorers}
+    outputs: dict[str, ScoreOutput] = {}
+    skipped: list[SkippedPart] = []
+    for scorer in scorers:
+        try:
+            outputs[scorer.name] = scorer.score(loaded.volume)
+        except Exception as exc:  # any cause: one scorer must not sink the series
+            part = SkippedPart.from_error(
+                PartKind.SCORER, scorer.name, exc, SkipReason.SCORER_ERROR
+            )
+            log.warning("%s", part.describe())  # the worker's log names the job
+            skipped.append(part)
+    if scorers and not outputs:
+        raise NothingScored("; ".join(p.describe() for p in skipped))
+    versions = {s.name: s.version for s in scorers if s.name in outputs}
     decision = decide(outputs, thresholds)
-    return ScoredSeries(loaded, outputs, versions, decision, time.perf_counter() - t0)
+    return ScoredSeries(
+        loaded, outputs, versions, decision, time.perf_counter() - t0, skipped_parts=skipped
+    )

@@ -9,7 +9,7 @@ its worker is parked after ``max_attempts`` like one that keeps raising.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -18,6 +18,10 @@ from qgate.db.models import Job, Series, utcnow
 from qgate.events import record
 
 STAGE = "queue"
+
+#: Called inside the transaction that parks a job (the gate's failure policy, which must
+#: commit with the park so that a parked series is never left neither sent nor held).
+OnParked = Callable[[Session, Job], None]
 
 
 def enqueue_score(session: Session, *, series_uid: str, generation: int) -> Job:
@@ -42,11 +46,12 @@ def claim(
     lease_seconds: float,
     max_attempts: int,
     now: dt.datetime | None = None,
+    on_parked: OnParked | None = None,
 ) -> Job | None:
     """Claim the oldest claimable job for ``owner``, or return None. Commits.
 
     A job whose earlier claims all ended without a verdict (the worker died each time) is
-    parked here instead of being handed out again.
+    parked here instead of being handed out again (``on_parked`` as in :func:`fail`).
     """
     now = now or utcnow()
     while True:
@@ -69,6 +74,7 @@ def claim(
                 owner=last_owner,
                 error=job.last_error or f"worker lost {attempts} times (crash or lease timeout)",
                 max_attempts=max_attempts,
+                on_parked=on_parked,
             )
             continue
         won = session.execute(
@@ -136,8 +142,13 @@ def fail(
     error: str,
     max_attempts: int,
     retryable: bool = True,
+    on_parked: OnParked | None = None,
 ) -> str:
-    """Record a failed attempt. Returns the new state: 'queued' to retry, or 'parked'. Commits."""
+    """Record a failed attempt. Returns the new state: 'queued' to retry, or 'parked'. Commits.
+
+    A parked job marks its series ``failed`` and calls ``on_parked`` in the same
+    transaction (the worker passes :func:`qgate.gate.apply_failure_policy`).
+    """
     parked = (not retryable) or job.attempts >= max_attempts
     state = "parked" if parked else "queued"
     session.execute(
@@ -160,6 +171,8 @@ def fail(
         session.execute(
             update(Series).where(*same_generation).values(status="failed", skip_reason=error[:4000])
         )
+        if on_parked is not None:
+            on_parked(session, job)
     else:  # back in the queue: nobody is scoring the series until the next claim
         session.execute(
             update(Series)
@@ -206,6 +219,14 @@ def list_jobs(session: Session, states: Sequence[str] | None = None) -> list[Job
     return list(session.scalars(q))
 
 
+def _requeue_parked(session: Session, job: Job) -> None:
+    job.state, job.attempts = "queued", 0
+    series = session.get(Series, job.series_instance_uid)
+    if series is not None and series.generation == job.generation:
+        series.status, series.skip_reason = "queued", None
+    record(session, STAGE, "retried", series_uid=job.series_instance_uid, detail=f"job {job.id}")
+
+
 def retry_parked(session: Session, ids: Sequence[int] | None = None) -> int:
     """Requeue parked jobs (all, or ``ids``) with fresh attempts. Commits."""
     q = select(Job).where(Job.state == "parked")
@@ -213,12 +234,57 @@ def retry_parked(session: Session, ids: Sequence[int] | None = None) -> int:
         q = q.where(Job.id.in_(list(ids)))
     jobs = session.scalars(q).all()
     for job in jobs:
-        job.state, job.attempts = "queued", 0
-        series = session.get(Series, job.series_instance_uid)
-        if series is not None and series.generation == job.generation:
-            series.status, series.skip_reason = "queued", None
-        record(
-            session, STAGE, "retried", series_uid=job.series_instance_uid, detail=f"job {job.id}"
-        )
+        _requeue_parked(session, job)
     session.commit()
     return len(jobs)
+
+
+class RescoreError(Exception):
+    """The series cannot be re-scored now (unknown, still receiving, or already queued)."""
+
+
+def rescore(session: Session, *, series_uid: str, by: str) -> Job:
+    """Score the current generation of a series again; joins the caller's transaction.
+
+    Its parked job is requeued with fresh attempts, or a new job is queued (a series that
+    was scored, or whose failure was released). The new result supersedes the current
+    one; a held series stays held until that result decides.
+
+    Raises
+    ------
+    RescoreError
+        No such series, still receiving (it is scored once complete), or a job for it is
+        already queued or running.
+    """
+    series = session.get(Series, series_uid, with_for_update=True)
+    if series is None:
+        raise RescoreError(f"no such series: {series_uid}")
+    if series.status == "receiving":
+        raise RescoreError(f"series {series_uid} is still receiving; it is scored once complete")
+    active = session.scalar(
+        select(Job).where(
+            Job.series_instance_uid == series_uid, Job.state.in_(("queued", "running"))
+        )
+    )
+    if active is not None:
+        raise RescoreError(
+            f"series {series_uid} is already {active.state} for scoring (job {active.id})"
+        )
+    parked = session.scalar(
+        select(Job)
+        .where(
+            Job.series_instance_uid == series_uid,
+            Job.generation == series.generation,
+            Job.state == "parked",
+        )
+        .order_by(Job.id.desc())
+    )
+    if parked is not None:
+        job = parked
+        _requeue_parked(session, job)
+    else:
+        job = enqueue_score(session, series_uid=series_uid, generation=series.generation)
+        series.status, series.skip_reason = "queued", None
+    session.flush()  # assigns a new job's id for the event
+    record(session, STAGE, "rescore", series_uid=series_uid, detail=f"job {job.id} by {by}")
+    return job

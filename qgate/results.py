@@ -40,6 +40,8 @@ def result_object(session: Session, series: Series) -> dict[str, Any]:
         "instances": series.instance_count,
         "held": series.held,
         "slices_scored": res.slices_scored if res else 0,
+        # Scorers and report objects the result left out (qgate.degrade.SkippedPart).
+        "skipped_parts": list(res.skipped_parts) if res else [],
         "scored_at": res.created_at.isoformat() if res else None,
     }
 

@@ -15,19 +15,21 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.config import Settings
 from qgate.db.models import Instance, Job, Result, Series
 from qgate.dispatch.outbox import Destination, enqueue
 from qgate.events import record
+from qgate.gate import apply_failure_policy, forward_originals
 from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_series
-from qgate.queue import claim, fail, finish, renew
-from qgate.reporting import write_report
+from qgate.queue import OnParked, claim, fail, finish, renew
+from qgate.reporting import WrittenReport, write_report
 from qgate.scoring import Scorer
 from qgate.volume import SeriesLoadError
 
@@ -73,14 +75,9 @@ def _instance_paths(session: Session, series_uid: str) -> list[Path]:
     return [Path(p) for p in rows]
 
 
-def _all_instance_paths(session: Session, series_uid: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(Instance.path)
-            .where(Instance.series_instance_uid == series_uid)
-            .order_by(Instance.instance_number, Instance.id)
-        )
-    )
+def _on_parked(settings: Settings) -> OnParked:
+    """The gate's failure policy, run in the transaction that parks a job."""
+    return partial(apply_failure_policy, settings=settings)
 
 
 def _start(session: Session, job: Job, owner: str) -> list[Path] | None:
@@ -114,8 +111,7 @@ def _commit_result(
     job: Job,
     owner: str,
     scored: ScoredSeries,
-    report_paths: list[Path],
-    sr_uid: str | None,
+    written: WrittenReport,
 ) -> bool:
     series = session.get(Series, job.series_instance_uid, populate_existing=True)
     if series is None or series.generation != job.generation:
@@ -136,8 +132,9 @@ def _commit_result(
         scorer_versions=dict(scored.versions),
         slices_scored=scored.loaded.volume.n_slices,
         seconds=round(scored.seconds, 3),
-        sr_sop_instance_uid=sr_uid,
-        sr_path=str(report_paths[0]) if report_paths else None,
+        sr_sop_instance_uid=written.sr_uid,
+        sr_path=str(written.paths[0]),
+        skipped_parts=[p.to_json() for p in written.skipped_parts],
     )
     session.add(result)
     session.flush()
@@ -150,26 +147,38 @@ def _commit_result(
     series.status = "scored"
     series.decision = scored.decision.decision
     series.skip_reason = None
-    dest = Destination.from_settings(settings.archive)
     enqueue(
         session,
         series_uid=series.series_instance_uid,
         kind="results",
-        paths=[str(p) for p in report_paths],
-        dest=dest,
+        paths=[str(p) for p in written.paths],
+        dest=Destination.from_settings(settings.archive),
     )
-    mode = settings.gate.mode
-    forward = mode == "forward" or (mode == "gate" and scored.decision.decision == "pass")
-    if forward:
-        enqueue(
+    for part in written.skipped_parts:
+        record(
             session,
+            STAGE,
+            "part_skipped",
             series_uid=series.series_instance_uid,
-            kind="forward",
-            paths=_all_instance_paths(session, series.series_instance_uid),
-            dest=dest,
+            detail=part.describe(),
         )
+    mode = settings.gate.mode
+    if mode == "observe":
+        pass
+    elif series.forwarded_generation == series.generation:
+        # A re-score of originals already sent (released, or sent on failure): the
+        # archive has them, so they are neither sent again nor held.
         series.held = False
-    elif mode == "gate":
+        record(
+            session,
+            "gate",
+            "already_forwarded",
+            series_uid=series.series_instance_uid,
+            detail=f"generation {series.generation} was sent before this result",
+        )
+    elif mode == "forward" or scored.decision.decision == "pass":
+        forward_originals(session, settings, series)
+    else:
         series.held = True
         record(
             session,
@@ -213,15 +222,20 @@ def process_job(
             scored = score_series(paths, scorers, settings.gate.thresholds)
             with sessions() as session:
                 prev_sr = _previous_sr(session, uid)
-            report_paths, sr_uid = write_report(
+                # Reports so far, not the series generation: a re-score of the same
+                # generation (`qgate rescore`) also supersedes, as report n + 1.
+                reports = session.scalar(
+                    select(func.count(Result.id)).where(Result.series_instance_uid == uid)
+                )
+            written = write_report(
                 scored,
                 out_dir,
                 previous_sr=prev_sr,
-                generation=job.generation,
+                generation=int(reports or 0),
                 fsync=settings.storage.fsync,
             )
         with sessions() as session:
-            ok = _commit_result(session, settings, job, owner, scored, report_paths, sr_uid)
+            ok = _commit_result(session, settings, job, owner, scored, written)
         if not ok:
             shutil.rmtree(out_dir, ignore_errors=True)
             return "superseded"
@@ -241,6 +255,7 @@ def process_job(
                 error=detail,
                 max_attempts=settings.queue.max_attempts,
                 retryable=retryable,
+                on_parked=_on_parked(settings),
             )
 
 
@@ -265,6 +280,7 @@ def work_once(
             owner=owner,
             lease_seconds=settings.queue.lease_seconds,
             max_attempts=settings.queue.max_attempts,
+            on_parked=_on_parked(settings),
         )
     if job is None:
         return None

@@ -182,9 +182,9 @@ def test_report_files_with_all_five_scorers_validate(tmp_path: Path) -> None:
     )
     paths = write_series(make_ct_series(6, 128, 128, noise_hu=15.0), tmp_path / "ct")
     scored = score_series(paths, build_scorers(settings), settings.gate.thresholds)
-    files, sr_uid = write_report(
-        scored, tmp_path / "out", previous_sr=None, generation=0, fsync=False
-    )
+    written = write_report(scored, tmp_path / "out", previous_sr=None, generation=0, fsync=False)
+    files, sr_uid = written.paths, written.sr_uid
+    assert written.skipped_parts == []  # nothing to degrade on a well-formed CT
     names = [p.name for p in files]
     # SR first, one SC image per slice the (subsampled) N2Q map covers, then the PM.
     assert names == ["sr.dcm", "sc00000.dcm", "sc00001.dcm", "sc00002.dcm", "pm.dcm"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from click.testing import Result as CliResult
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom.transport import ThreadedAssociationServer
@@ -27,8 +29,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
 from qgate.cli import main
-from qgate.config import ArchiveConfig, DispatchConfig, GateConfig, QueueConfig, Settings
-from qgate.db.models import Event, Instance, Job, OutboxItem, Result, Series, utcnow
+from qgate.config import (
+    ArchiveConfig,
+    DispatchConfig,
+    GateConfig,
+    QueueConfig,
+    Settings,
+    Threshold,
+)
+from qgate.db.models import AuditEntry, Event, Instance, Job, OutboxItem, Result, Series, utcnow
+from qgate.degrade import PartKind, SkippedPart, SkipReason
 from qgate.dispatch import run_once
 from qgate.gate import ReleaseError, release_series
 from qgate.pipeline import build_scorers
@@ -37,9 +47,11 @@ from qgate.receive import start_scp
 from qgate.results import list_results
 from qgate.scoring import ScoreOutput, SeriesVolume, register_scorer
 from qgate.synth import make_ct_series, write_series
+from qgate.web.crud import WorklistRow, list_series
+from qgate.web.schemas import WorklistQuery
 from qgate.worker import process_job, work_once
 from tests.conftest import free_port
-from tests.support.dicomfiles import storescu
+from tests.support.dicomfiles import storescu, undecodable_ct_series
 from tests.support.orthanc import Orthanc, start_orthanc
 from tests.support.qgate_proc import QgateProcess
 
@@ -50,13 +62,16 @@ BOOM = "test-worker-boom"
 
 @register_scorer(BOOM)
 class _BoomScorer:
-    """A scorer that always raises: a retryable failure (not a SeriesLoadError)."""
+    """A scorer that always raises: skipped, or a retryable failure when it is the only one."""
 
     name = BOOM
     version = "0"
 
     def score(self, volume: SeriesVolume) -> ScoreOutput:
         raise RuntimeError("scorer exploded on purpose")
+
+
+BOOM_ERROR = "RuntimeError: scorer exploded on purpose"
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
@@ -94,9 +109,10 @@ def phantom(n: int = 3, noise_hu: float = 10.0, seed: int = 1, **kw: Any) -> lis
     return make_ct_series(n, 128, 128, noise_hu=noise_hu, seed=seed, **kw)
 
 
-def arrive(settings: Settings, files: list[Path]) -> None:
-    """Send ``files`` to the in-process SCP with storescu; every one must be stored."""
-    out = storescu(settings.dicom.port, files)
+def arrive(settings: Settings, files: list[Path], *options: str) -> None:
+    """Send ``files`` to the in-process SCP with storescu; every one must be stored.
+    ``options``: storescu's, e.g. ``-xs`` to propose the files' JPEG Lossless syntax."""
+    out = storescu(settings.dicom.port, files, extra=options)
     assert out.returncode == 0 and "Failed" not in out.stderr, out.stderr
 
 
@@ -247,6 +263,22 @@ def spool_rows(
                     received_at=now,
                 )
             )
+
+
+def spool_datasets(
+    settings: Settings, sessions: sessionmaker[Session], datasets: list[Dataset], folder: Path
+) -> str:
+    """Write ``datasets`` as files and put them in the spool as received; the series UID."""
+    files = write_series(datasets, folder)
+    uid = str(datasets[0].SeriesInstanceUID)
+    spool_rows(
+        settings,
+        sessions,
+        uid,
+        {d.SOPInstanceUID: p.read_bytes() for d, p in zip(datasets, files, strict=True)},
+        study_uid=datasets[0].StudyInstanceUID,
+    )
+    return uid
 
 
 # -- 1. modes --------------------------------------------------------------------------------
@@ -487,42 +519,33 @@ def test_unreadable_series_is_parked_at_once_and_reported(
     assert res["reasons"] == [f"scoring failed: {job.last_error}"]
 
 
-def test_scorer_error_is_retried_then_parked_then_requeued(
+def test_series_no_scorer_could_measure_is_retried_then_parked_then_requeued(
     settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     cfg = configure(settings, queue=QueueConfig(max_attempts=2, lease_seconds=30))
     datasets = phantom(3, seed=7)
-    uid = datasets[0].SeriesInstanceUID
-    files = write_series(datasets, tmp_path / "in")
-    spool_rows(
-        cfg,
-        sessions,
-        uid,
-        {d.SOPInstanceUID: p.read_bytes() for d, p in zip(datasets, files, strict=True)},
-        study_uid=datasets[0].StudyInstanceUID,
-    )
+    uid = spool_datasets(cfg, sessions, datasets, tmp_path / "in")
     assert complete(cfg, sessions) == [uid]
-    boom = cfg.model_copy(
-        update={"scoring": cfg.scoring.model_copy(update={"scorers": ["noise", BOOM]})}
-    )
+    # One failing scorer is skipped (section 4); only a series that no scorer could
+    # measure fails, and that failure is retried like any other.
+    boom = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"scorers": [BOOM]})})
     scorers = build_scorers(boom)
-    assert [s.name for s in scorers] == ["noise", BOOM]
+    error = f"NothingScored: scorer {BOOM} skipped (scorer_error): {BOOM_ERROR}"
 
     assert work_once(boom, sessions, scorers, owner=OWNER) == "queued"
     [job] = jobs_of(sessions, uid)
-    assert (job.state, job.attempts) == ("queued", 1)
-    assert job.last_error == "RuntimeError: scorer exploded on purpose"
+    assert (job.state, job.attempts, job.last_error) == ("queued", 1, error)
     assert series_row(sessions, uid).status == "queued"  # waiting for its retry
 
     assert work_once(boom, sessions, scorers, owner=OWNER) == "parked"
     assert work_once(boom, sessions, scorers, owner=OWNER) is None
     [job] = jobs_of(sessions, uid)
-    assert (job.state, job.attempts) == ("parked", 2)
-    assert job.last_error == "RuntimeError: scorer exploded on purpose"
+    assert (job.state, job.attempts, job.last_error) == ("parked", 2, error)
     row = series_row(sessions, uid)
-    assert (row.status, row.skip_reason) == ("failed", job.last_error)
+    assert (row.status, row.skip_reason, row.held) == ("failed", job.last_error, False)
     assert events_of(sessions, uid, "queue").count("queued") == 2  # enqueued, then one retry
     assert events_of(sessions, uid, "queue")[-1] == "parked"
+    assert events_of(sessions, uid, "gate") == []  # observe mode: no originals to send or hold
     with sessions() as s:
         assert s.scalars(select(Result)).all() == []
 
@@ -533,3 +556,256 @@ def test_scorer_error_is_retried_then_parked_then_requeued(
     assert score_all(cfg, sessions) == ["scored"]
     assert series_row(sessions, uid).status == "scored"
     assert current(sessions, uid).slices_scored == 3
+
+
+# -- 4. nothing held back by a failure; degrade, don't fail ------------------------------------
+
+
+def worklist(sessions: sessionmaker[Session]) -> dict[str, WorklistRow]:
+    """The review app's default worklist (flagged or failed series) by series UID."""
+    with sessions() as s:
+        rows, _ = list_series(s, query=WorklistQuery(), per_page=100)
+    return {r.series.series_instance_uid: r for r in rows}
+
+
+def audit_of(sessions: sessionmaker[Session], uid: str) -> list[tuple[str, str]]:
+    with sessions() as s:
+        q = select(AuditEntry).where(AuditEntry.series_instance_uid == uid)
+        return [(a.username, a.action) for a in s.scalars(q.order_by(AuditEntry.id))]
+
+
+def forward_sends(sessions: sessionmaker[Session], uid: str) -> int:
+    with sessions() as s:
+        q = select(OutboxItem).where(
+            OutboxItem.series_instance_uid == uid, OutboxItem.kind == "forward"
+        )
+        return len(s.scalars(q).all())
+
+
+def sr_skips(result: Result) -> tuple[str, list[str]]:
+    """(Completion Flag, the SR's "Part of quality report skipped" TEXT items)."""
+    assert result.sr_path is not None
+    sr = dcmread(result.sr_path)
+
+    def walk(ds: Dataset) -> Iterator[Dataset]:
+        for item in ds.get("ContentSequence", []):
+            yield item
+            yield from walk(item)
+
+    texts = [
+        i.TextValue
+        for i in walk(sr)
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "SKIPPED"
+    ]
+    return str(sr.CompletionFlag), texts
+
+
+def skipped_parts(result: Result) -> list[SkippedPart]:
+    return [SkippedPart.from_json(p) for p in result.skipped_parts]
+
+
+@pytest.mark.parametrize("mode", ["forward", "gate"])
+def test_undecodable_series_is_sent_or_held_never_stuck(
+    mode: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    scp: ThreadedAssociationServer,
+    archive: Orthanc,
+    tmp_path: Path,
+) -> None:
+    cfg = configure(settings, archive, gate=GateConfig(mode=mode))  # on_failure: the default
+    datasets = undecodable_ct_series(3, seed=11)
+    uid, originals = datasets[0].SeriesInstanceUID, {d.SOPInstanceUID for d in datasets}
+    arrive(settings, write_series(datasets, tmp_path / "in"), "-xs")
+    assert complete(cfg, sessions) == [uid]
+    assert score_all(cfg, sessions) == ["parked"]  # nothing to decode: no retry
+    [job] = jobs_of(sessions, uid)
+    assert job.last_error is not None
+    assert job.last_error.startswith("SeriesLoadError: no CT slice could be decoded")
+    row = series_row(sessions, uid)
+    assert row.status == "failed"
+
+    # On the default worklist with its error, and in `qgate results`.
+    item = worklist(sessions)[uid]
+    assert item.result is None and item.series.skip_reason == job.last_error
+    qgate = cli(cfg, tmp_path / "cli")
+    res = strict_json(invoke(qgate, "results", "--series", uid, "--json").stdout)
+    assert (res["status"], res["held"]) == ("failed", mode == "gate")
+    assert res["reasons"] == [f"scoring failed: {job.last_error}"]
+
+    if mode == "forward":  # fail open: the originals go to the archive unscored
+        assert not row.held
+        assert events_of(sessions, uid, "gate") == ["forwarded_unscored"]
+        assert deliver(cfg, sessions) == [(uid, "forward", "sent")]
+        assert archive.sop_instance_uids(uid) == originals
+        refused = invoke(qgate, "release", uid)
+        assert refused.exit_code == 1 and f"series {uid} is not held" in refused.stderr
+    else:  # fail closed: held back until a person releases it
+        assert row.held
+        assert events_of(sessions, uid, "gate") == ["held"]
+        run_once(cfg, sessions, owner="test/dispatch")
+        assert archive.sop_instance_uids(uid) == set()
+        out = invoke(qgate, "release", uid)
+        assert out.exit_code == 0, out.stderr
+        assert f"released {uid}: 3 instance(s) queued" in out.stdout
+        assert events_of(sessions, uid, "gate") == ["held", "released"]
+        assert deliver(cfg, sessions) == [(uid, "forward", "sent")]
+        assert archive.sop_instance_uids(uid) == originals
+
+    # Rescored from the command line: the parked job is requeued once, and when it fails
+    # again the originals, already sent, are neither sent again nor held.
+    out = invoke(qgate, "rescore", uid)
+    assert (out.exit_code, out.stdout.strip()) == (0, f"rescore {uid}: job {job.id} queued")
+    again = invoke(qgate, "rescore", uid)
+    assert again.exit_code == 1 and f"already queued for scoring (job {job.id})" in again.stderr
+    assert score_all(cfg, sessions) == ["parked"]
+    row = series_row(sessions, uid)
+    assert (row.status, row.held, forward_sends(sessions, uid)) == ("failed", False, 1)
+    assert "rescore" in events_of(sessions, uid, "queue")
+    released = [("cli", "release")] if mode == "gate" else []
+    assert audit_of(sessions, uid) == [*released, ("cli", "rescore")]
+
+
+def test_hold_in_forward_mode_and_resubmit_after_an_archive_outage(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """gate.on_failure overrides the mode's default; dead sends are resubmitted per series."""
+    port = free_port()  # no archive listens here yet
+    cfg = configure(settings, gate=GateConfig(mode="forward", on_failure="hold")).model_copy(
+        update={"archive": ArchiveConfig(ae_title="ARCHIVE", host="127.0.0.1", port=port)}
+    )
+    cfg = cfg.model_copy(update={"dispatch": DispatchConfig(max_attempts=1, poll_seconds=0.1)})
+    datasets = undecodable_ct_series(2, seed=12)
+    uid = spool_datasets(cfg, sessions, datasets, tmp_path / "in")
+    assert complete(cfg, sessions) == [uid]
+    assert score_all(cfg, sessions) == ["parked"]
+    assert series_row(sessions, uid).held
+    assert events_of(sessions, uid, "gate") == ["held"]
+
+    qgate = cli(cfg, tmp_path / "cli")
+    nothing = invoke(qgate, "resubmit", uid)
+    assert nothing.exit_code == 1 and "no dead-lettered send" in nothing.stderr
+    assert invoke(qgate, "release", uid).exit_code == 0
+    run_once(cfg, sessions, owner="test/dispatch")  # the archive is down: a dead letter
+    with sessions() as s:
+        [send] = s.scalars(select(OutboxItem).where(OutboxItem.series_instance_uid == uid))
+        assert (send.kind, send.state) == ("forward", "dead")
+
+    with start_orthanc(tmp_path / "orthanc", dicom_port=port, http_port=free_port()) as archive:
+        out = invoke(qgate, "resubmit", uid)
+        assert (out.exit_code, out.stdout.strip()) == (0, f"resubmitted 1 send(s) of {uid}")
+        assert deliver(cfg, sessions) == [(uid, "forward", "sent")]
+        assert archive.sop_instance_uids(uid) == {d.SOPInstanceUID for d in datasets}
+        archive.stop(kill=True)
+    assert audit_of(sessions, uid) == [("cli", "release"), ("cli", "resubmit")]
+    assert events_of(sessions, uid, "dispatch")[-3:] == ["resubmitted", "claimed", "sent"]
+
+
+@pytest.mark.parametrize("mode", ["forward", "gate"])
+def test_failing_scorer_is_skipped_and_the_series_still_goes_out(
+    mode: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    scp: ThreadedAssociationServer,
+    archive: Orthanc,
+    tmp_path: Path,
+) -> None:
+    # A limit on the failing scorer's output: the gate cannot measure it, so it flags.
+    gate = GateConfig(
+        mode=mode,
+        thresholds=[*GateConfig().thresholds, Threshold(scorer=BOOM, output="score", min=1)],
+    )
+    cfg = configure(settings, archive, gate=gate)
+    cfg = cfg.model_copy(
+        update={"scoring": cfg.scoring.model_copy(update={"scorers": ["noise", "snr", BOOM]})}
+    )
+    datasets = phantom(3, seed=13)
+    uid, originals = datasets[0].SeriesInstanceUID, {d.SOPInstanceUID for d in datasets}
+    arrive(settings, write_series(datasets, tmp_path / "in"))
+    assert complete(cfg, sessions) == [uid]
+    assert score_all(cfg, sessions) == ["scored"]  # first try: a skip is not a failure
+
+    res = current(sessions, uid)
+    skipped = SkippedPart(PartKind.SCORER, BOOM, SkipReason.SCORER_ERROR, BOOM_ERROR)
+    assert skipped_parts(res) == [skipped]
+    assert set(res.scores) == {"noise", "snr"} and res.decision == "flag"
+    assert f"{BOOM}: output score missing (scorer did not run)" in res.reasons
+    assert sr_skips(res) == ("PARTIAL", [skipped.describe()])
+    assert events_of(sessions, uid, "score")[-2:] == ["part_skipped", "scored"]
+    assert uid in worklist(sessions)  # flagged: on the default worklist
+
+    deliver(cfg, sessions)
+    reports = report_objects(res)
+    if mode == "forward":
+        assert archived(archive, datasets[0].StudyInstanceUID) == {**reports, uid: originals}
+    else:  # flagged in gate mode: held, and released from the command line
+        assert archived(archive, datasets[0].StudyInstanceUID) == reports
+        assert series_row(sessions, uid).held
+        out = invoke(cli(cfg, tmp_path / "cli"), "release", uid)
+        assert out.exit_code == 0, out.stderr
+        assert deliver(cfg, sessions)[-1] == (uid, "forward", "sent")
+        assert archive.sop_instance_uids(uid) == originals
+    res_json = strict_json(invoke(cli(cfg, tmp_path / "cli2"), "results", "--json").stdout)
+    assert res_json[0]["skipped_parts"] == [skipped.to_json()]
+
+
+def test_small_matrix_and_missing_frame_of_reference_still_get_an_sr(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    scp: ThreadedAssociationServer,
+    tmp_path: Path,
+) -> None:
+    """Real files from pydicom's test set, with the five default scorers."""
+    cfg = configure(settings)
+    small = Path(get_testdata_file("CT_small.dcm"))  # 128 x 128
+    no_for = Path(get_testdata_file("693_J2KI.dcm"))  # JPEG 2000, no Frame of Reference UID
+    headers = {p: dcmread(p, stop_before_pixels=True) for p in (small, no_for)}
+    assert (headers[small].Rows, headers[small].Columns) == (128, 128)
+    assert "FrameOfReferenceUID" not in headers[no_for]
+    # A 16 x 16 CT, which Noise2Quality's U-Net cannot take (its InstanceNorm raises).
+    tiny = write_series(make_ct_series(3, 16, 16, seed=14), tmp_path / "tiny")
+    arrive(settings, [small, *tiny])
+    arrive(settings, [no_for], "-xw")  # proposes its JPEG 2000 syntax
+    uids = {p: str(h.SeriesInstanceUID) for p, h in headers.items()}
+    tiny_uid = str(dcmread(tiny[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert sorted(complete(cfg, sessions)) == sorted([*uids.values(), tiny_uid])
+    assert score_all(cfg, sessions) == ["scored"] * 3
+
+    for uid in [*uids.values(), tiny_uid]:
+        res = current(sessions, uid)
+        flag, texts = sr_skips(res)
+        parts = skipped_parts(res)
+        assert texts == [p.describe() for p in parts]  # the SR says what was skipped
+        assert flag == ("PARTIAL" if parts else "COMPLETE")
+        # Valid, but for what it copies from a source that lacks it (the CQ500 file's
+        # PatientIdentityRemoved without DeidentificationMethod).
+        source = next((f for f, u in uids.items() if u == uid), tiny[0])
+        assert set(dciodvfy_errors(Path(res.sr_path or ""))) <= set(dciodvfy_errors(source))
+
+    # No Frame of Reference: no Parametric Map, said so; the SC series still goes.
+    res = current(sessions, uids[no_for])
+    assert [(p.kind, p.name, p.reason) for p in skipped_parts(res)] == [
+        (PartKind.OUTPUT, "parametric_map", SkipReason.NO_FRAME_OF_REFERENCE)
+    ]
+    folder = Path(res.sr_path or "").parent
+    assert sorted(p.name for p in folder.iterdir()) == ["sc00000.dcm", "sr.dcm"]
+    assert set(res.scores) == {"noise", "snr", "mdiqa", "n2q", "chestiqa"}
+    # 128 x 128: every scorer and every object.
+    res = current(sessions, uids[small])
+    assert skipped_parts(res) == []
+    assert (Path(res.sr_path or "").parent / "pm.dcm").exists()
+    # 16 x 16: Noise2Quality skipped with the model's own error; the others still count.
+    res = current(sessions, tiny_uid)
+    [part] = skipped_parts(res)
+    assert (part.kind, part.name, part.reason) == (
+        PartKind.SCORER,
+        "n2q",
+        SkipReason.SCORER_ERROR,
+    )
+    assert "spatial element" in part.detail
+    assert {"noise", "snr", "mdiqa", "chestiqa"} == set(res.scores)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

@@ -39,6 +39,8 @@ DECISION_FLAG = Code("FLAG", SCHEME, "Flagged for review by quality gate")
 GATE_REASON = Code("GATERSN", SCHEME, "Quality gate reason")
 REPORT_GENERATION = Code("GENERATION", SCHEME, "Quality report generation")
 SUPERSEDES = Code("SUPERSEDES", SCHEME, "Supersedes earlier quality report")
+#: A scorer or report object left out of this report (one TEXT item each, with the reason).
+PART_SKIPPED = Code("SKIPPED", SCHEME, "Part of quality report skipped")
 
 #: Units accepted by :func:`unit_code` besides plain UCUM expressions.
 _UNIT_ALIASES: dict[str, Code] = {

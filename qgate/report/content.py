@@ -16,6 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
+from qgate.degrade import PartKind, SkippedPart
 from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap
 
 #: SOP Class UIDs of the SR storage classes a predecessor report may have.
@@ -69,6 +70,8 @@ class QualityReport:
     previous_sr: Union[pydicom.dataset.Dataset, None], optional
         The SR document this report supersedes (required when ``generation`` > 1 is the
         result of a re-score and the earlier SR is known); must be an SR in the same study.
+    skipped: Sequence[qgate.degrade.SkippedPart], optional
+        Scorers and report objects left out of this report, and why; the SR lists them.
 
     Raises
     ------
@@ -87,6 +90,7 @@ class QualityReport:
     reasons: Sequence[str] = ()
     generation: int = 1
     previous_sr: Dataset | None = None
+    skipped: Sequence[SkippedPart] = ()
     _by_uid: Mapping[str, Dataset] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +191,14 @@ class QualityReport:
                 raise ValueError('Argument "previous_sr" belongs to another study.')
             if self.generation < 2:
                 raise ValueError('A report with a "previous_sr" must have generation >= 2.')
+        if isinstance(self.skipped, SkippedPart) or not isinstance(self.skipped, Sequence):
+            raise TypeError('Argument "skipped" must be a sequence of SkippedPart.')
+        for part in self.skipped:
+            if not isinstance(part, SkippedPart):
+                raise TypeError('Items of "skipped" must be SkippedPart instances.')
+            if part.kind is PartKind.SCORER and part.name in self.scores:
+                raise ValueError(f"scorer {part.name!r} is both scored and skipped")
+        set_(self, "skipped", tuple(self.skipped))
 
     def dataset_for_slice(self, index: int) -> Dataset:
         """Return the source instance that slice ``index`` of the volume came from."""

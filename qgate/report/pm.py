@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from qgate.degrade import NotApplicable, SkipReason
 from qgate.report import codes
 from qgate.report.content import NamedMap, QualityReport, check_positive_int, check_uid
 
@@ -112,6 +113,9 @@ def build_quality_map_pm(
     ValueError
         When no map matches, the map has no finite value, a UID or number is invalid, or
         the CT lacks patient geometry.
+    qgate.degrade.NotApplicable
+        (a ValueError) When the CT has no Frame of Reference UID (reason
+        ``no_frame_of_reference``): the IOD needs one, and qgate does not invent it.
     """
     if not isinstance(report, QualityReport):
         raise TypeError('Argument "report" must be a QualityReport.')
@@ -151,6 +155,12 @@ def build_quality_map_pm(
     assert orientation is not None
 
     sources = _source_images(report, frames)
+    if not all(ds.get("FrameOfReferenceUID") for ds in sources):
+        # Checked before highdicom would refuse, so the caller gets a typed reason.
+        raise NotApplicable(
+            SkipReason.NO_FRAME_OF_REFERENCE,
+            "the CT has no Frame of Reference UID, which a Parametric Map requires",
+        )
     label, explanation, quantity = _describe(selected)
     finite = pixels[np.isfinite(pixels)]
     lo, hi = (float(v) for v in selected.map.display_range)

@@ -14,6 +14,7 @@ Document layout (Enhanced SR, see :func:`build_quality_sr` for why)::
       CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
         CODE Quality gate decision = Passed | Flagged for review
         TEXT Quality gate reason (one per reason)
+        TEXT Part of quality report skipped (one per skipped scorer or object)
         TEXT Quality report generation
         TEXT Supersedes earlier quality report   (re-score only)
 
@@ -59,6 +60,7 @@ def _device_observer(manufacturer: str) -> hd.sr.ObserverContext:
 def _character_set(report: QualityReport) -> str | None:
     """UTF-8 when our own text is not ASCII; otherwise the source's character set."""
     texts = [*report.reasons, *report.scores, *report.versions.values()]
+    texts += [p.describe() for p in report.skipped]
     texts += [
         v for out in report.scores.values() for v in out.series.values() if isinstance(v, str)
     ]
@@ -119,7 +121,7 @@ def _measurement_group(
 
 
 def _conclusions(report: QualityReport) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12: the gate decision, its reasons and the supersede note."""
+    """TID 1500 row 12: the gate decision, its reasons, what was skipped, the supersede note."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     decision = codes.DECISION_PASS if report.decision is GateDecision.PASS else codes.DECISION_FLAG
     items: list[hd.sr.ContentItem] = [
@@ -128,6 +130,12 @@ def _conclusions(report: QualityReport) -> hd.sr.ContainerContentItem:
     for reason in report.reasons:
         items.append(
             hd.sr.TextContentItem(name=codes.GATE_REASON, value=reason, relationship_type=contains)
+        )
+    for part in report.skipped:
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.PART_SKIPPED, value=part.describe(), relationship_type=contains
+            )
         )
     items.append(
         hd.sr.TextContentItem(
@@ -193,6 +201,8 @@ def build_quality_sr(
     highdicom.sr.EnhancedSR
         The document, ready to save or send. It references every source instance in its
         evidence, and its Predecessor Documents Sequence names ``report.previous_sr``.
+        Each of ``report.skipped`` is a TEXT item, and the Completion Flag is PARTIAL
+        when there is any.
 
     Raises
     ------
@@ -230,7 +240,8 @@ def build_quality_sr(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        is_complete=True,
+        # PARTIAL when a scorer or object was skipped: the report lacks part of its content.
+        is_complete=not report.skipped,
         is_final=False,
         is_verified=False,
         institution_name=institution_name,

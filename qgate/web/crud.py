@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from qgate import actions
 from qgate.config import Settings, Threshold
-from qgate.db.models import AuditEntry, Event, Instance, Result, Series, User, Verdict
-from qgate.gate import ReleaseError, release_series
+from qgate.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict
 from qgate.web.schemas import VerdictCreate, VerdictPublic, WorklistQuery
 
 
@@ -82,8 +82,12 @@ def _filtered(
     query: WorklistQuery, base: Select[Series, Result, Verdict, str], latest: Any
 ) -> Select[Series, Result, Verdict, str]:
     conds: list[ColumnElement[bool]] = []
-    if query.decision != "all":
-        conds.append(Result.decision == query.decision)
+    # A failed series needs a person as much as a flagged one: it is listed with them.
+    failed = Series.status == "failed"
+    if query.decision == "flag":
+        conds.append(or_(Result.decision == "flag", failed))
+    elif query.decision == "pass":
+        conds.append(and_(Result.decision == "pass", ~failed))
     if query.review == "pending":
         conds.append(latest.c.vid.is_(None))
     elif query.review == "done":
@@ -229,9 +233,8 @@ def series_trail(session: Session, *, series_uid: str, limit: int = 200) -> list
     return sorted(items, key=lambda i: i.at, reverse=True)[:limit]
 
 
-def _instance_count(session: Session, series_uid: str) -> int:
-    q = select(func.count(Instance.id)).where(Instance.series_instance_uid == series_uid)
-    return int(session.scalar(q) or 0)
+def _actor(user: User, remote_addr: str | None) -> actions.Actor:
+    return actions.Actor(username=user.username, user_id=user.id, remote_addr=remote_addr)
 
 
 def _release(
@@ -243,27 +246,17 @@ def _release(
     remote_addr: str | None,
     verdict_id: int | None = None,
 ) -> int:
-    """Audit and release a held series; commits (inside :func:`release_series`)."""
-    if not series.held:
-        raise Conflict(
-            f"series {series.series_instance_uid} is not held "
-            f"(gate mode {settings.gate.mode}, decision {series.decision or '-'})"
-        )
-    audit(
-        session,
-        user=user,
-        action="release",
-        series_uid=series.series_instance_uid,
-        detail={
-            "instances": _instance_count(session, series.series_instance_uid),
-            "verdict_id": verdict_id,
-        },
-        remote_addr=remote_addr,
-    )
+    """Audit and release a held series; commits (:func:`qgate.actions.release`)."""
     try:
-        return release_series(session, settings, series.series_instance_uid, by=user.username)
-    except ReleaseError as exc:
-        session.rollback()
+        return actions.release(
+            session,
+            settings,
+            series_uid=series.series_instance_uid,
+            actor=_actor(user, remote_addr),
+            detail={"verdict_id": verdict_id},
+        )
+    except actions.ActionError as exc:
+        session.rollback()  # also drops a verdict saved in the same transaction
         raise Conflict(str(exc)) from exc
 
 
@@ -342,6 +335,38 @@ def release(
     if series is None:
         raise NotFound(f"no such series: {series_uid}")
     return _release(session, settings, series, user=user, remote_addr=remote_addr)
+
+
+def rescore(
+    session: Session, *, user: User, series_uid: str, remote_addr: str | None = None
+) -> int:
+    """Queue the series for scoring again, audited (:func:`qgate.actions.rescore`).
+    Returns the job id."""
+    get_series(session, series_uid=series_uid)
+    try:
+        return actions.rescore(session, series_uid=series_uid, actor=_actor(user, remote_addr))
+    except actions.ActionError as exc:
+        raise Conflict(str(exc)) from exc
+
+
+def resubmit(
+    session: Session, *, user: User, series_uid: str, remote_addr: str | None = None
+) -> int:
+    """Send the series' dead letters again, audited (:func:`qgate.actions.resubmit`)."""
+    get_series(session, series_uid=series_uid)
+    try:
+        return actions.resubmit(session, series_uid=series_uid, actor=_actor(user, remote_addr))
+    except actions.ActionError as exc:
+        session.rollback()
+        raise Conflict(str(exc)) from exc
+
+
+def dead_sends(session: Session, *, series_uid: str) -> int:
+    """How many of the series' sends are dead letters (what resubmit would send again)."""
+    q = select(func.count(OutboxItem.id)).where(
+        OutboxItem.series_instance_uid == series_uid, OutboxItem.state == "dead"
+    )
+    return int(session.scalar(q) or 0)
 
 
 # -- users and audit ---------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def _summary_fields(series: Series, result: Result | None) -> dict[str, Any]:
         "decision": result.decision if result is not None else None,
         "reasons": reasons,
         "scores": series_scores(result.scores if result is not None else None),
+        "skipped_parts": list(result.skipped_parts) if result is not None else [],
+        "error": series.skip_reason if series.status == "failed" else None,
         "result_id": result.id if result is not None else None,
         "scored_at": result.created_at if result is not None else None,
     }

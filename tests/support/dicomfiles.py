@@ -11,8 +11,10 @@ from collections.abc import Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
@@ -31,6 +33,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config
+
+from qgate.synth import make_ct_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -158,3 +162,16 @@ def storescu(
 def echoscu(port: int, *, calling_aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
     cmd = ["echoscu", "-aet", calling_aet, "-aec", "QGATE", "127.0.0.1", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
+
+
+def undecodable_ct_series(n: int = 3, size: int = 64, *, seed: int = 0) -> list[Dataset]:
+    """A well-formed CT series whose pixel data cannot be decoded: JPEG Lossless (SV1)
+    headers over fragments of random bytes, as a broken encoder would send them."""
+    rng = np.random.default_rng(seed)
+    out = make_ct_series(n, size, size, seed=seed)
+    for ds in out:
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([bytes(rng.integers(0, 256, 2000, dtype="uint8"))])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    return out

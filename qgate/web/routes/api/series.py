@@ -1,8 +1,11 @@
-"""``/api/series``: the worklist, one series, its map images, verdicts and release."""
+"""``/api/series``: the worklist, one series, its map images, verdicts, and the operator
+actions release, rescore and resubmit (each audited)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -20,6 +23,8 @@ from qgate.web.deps import (
 from qgate.web.images import MapImageError, map_files
 from qgate.web.schemas import (
     ReleaseResult,
+    RescoreResult,
+    ResubmitResult,
     SeriesDetail,
     SeriesPage,
     VerdictCreate,
@@ -34,6 +39,17 @@ router = APIRouter(prefix="/api/series", tags=["series"])
 
 def _not_found(exc: crud.NotFound) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
+
+
+@contextmanager
+def _action_errors() -> Iterator[None]:
+    """An unknown series is 404; an action that does not fit its state is 409."""
+    try:
+        yield
+    except crud.NotFound as exc:
+        raise _not_found(exc) from exc
+    except crud.Conflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
 
 @router.get("", response_model=SeriesPage)
@@ -119,7 +135,7 @@ def create_verdict(
 ) -> VerdictRecorded:
     """Record a verdict on the current result (audited); ``release`` also releases a
     series held in gate mode. Radiologists only."""
-    try:
+    with _action_errors():
         verdict, released = crud.record_verdict(
             session,
             settings=settings,
@@ -128,10 +144,6 @@ def create_verdict(
             data=body,
             remote_addr=client_addr(request),
         )
-    except crud.NotFound as exc:
-        raise _not_found(exc) from exc
-    except crud.Conflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return VerdictRecorded(verdict=verdict, released_instances=released)
 
 
@@ -144,7 +156,7 @@ def release_series(
     user: StaffUser,
 ) -> ReleaseResult:
     """Forward a series held in gate mode to the archive (audited)."""
-    try:
+    with _action_errors():
         n = crud.release(
             session,
             settings=settings,
@@ -152,8 +164,29 @@ def release_series(
             series_uid=series_uid,
             remote_addr=client_addr(request),
         )
-    except crud.NotFound as exc:
-        raise _not_found(exc) from exc
-    except crud.Conflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return ReleaseResult(series_instance_uid=series_uid, released_instances=n)
+
+
+@router.post("/{series_uid}/rescore", response_model=RescoreResult)
+def rescore_series(
+    series_uid: str, request: Request, session: SessionDep, user: StaffUser
+) -> RescoreResult:
+    """Score the series again (audited): its parked job is requeued, or a new job queued;
+    the new result supersedes the current one. 409 while it is receiving or queued."""
+    with _action_errors():
+        job_id = crud.rescore(
+            session, user=user, series_uid=series_uid, remote_addr=client_addr(request)
+        )
+    return RescoreResult(series_instance_uid=series_uid, job_id=job_id)
+
+
+@router.post("/{series_uid}/resubmit", response_model=ResubmitResult)
+def resubmit_series(
+    series_uid: str, request: Request, session: SessionDep, user: StaffUser
+) -> ResubmitResult:
+    """Send the series' dead-lettered sends again (audited). 409 when there is none."""
+    with _action_errors():
+        n = crud.resubmit(
+            session, user=user, series_uid=series_uid, remote_addr=client_addr(request)
+        )
+    return ResubmitResult(series_instance_uid=series_uid, resubmitted=n)

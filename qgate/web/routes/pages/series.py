@@ -1,14 +1,17 @@
-"""The series page: header, scorer outputs and reasons, per-slice strip plots, the quality
-maps with a slice scroller and thumbnails, the verdict form and the series' history."""
+"""The series page: header, scorer outputs and reasons, what was skipped, per-slice strip
+plots, the quality maps with a slice scroller and thumbnails, the verdict form, the operator
+actions (release, rescore, resubmit) and the series' history."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
+from qgate.degrade import SkippedPart
 from qgate.web import crud
 from qgate.web.deps import CurrentUser, RadiologistUser, SessionDep, SettingsDep, StaffUser
 from qgate.web.deps import client_addr as addr
@@ -70,6 +73,8 @@ def series_page(
         thumbs=thumbs,
         map_size=map_size(files),
         verdicts=crud.verdicts_of(session, series_uid=series_uid),
+        skipped=[SkippedPart.from_json(p) for p in result.skipped_parts] if result else [],
+        dead_sends=crud.dead_sends(session, series_uid=series_uid),
         trail=crud.series_trail(session, series_uid=series_uid),
         back=local_path(request.query_params.get("back")),
     )
@@ -115,6 +120,26 @@ def submit_verdict(
     return _back(series_uid)
 
 
+def _operator_action(
+    request: Request,
+    series_uid: str,
+    run: Callable[[], int],
+    *,
+    done: Callable[[int], str],
+    refused: str,
+) -> Response:
+    """Run an audited action (a crud call), flash its outcome, back to the series page."""
+    try:
+        n = run()
+    except crud.NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except crud.Conflict as exc:
+        flash(request, "error", f"{refused}: {exc}")
+        return _back(series_uid)
+    flash(request, "ok", done(n))
+    return _back(series_uid)
+
+
 @router.post("/series/{series_uid}/release")
 def release(
     series_uid: str,
@@ -123,14 +148,34 @@ def release(
     settings: SettingsDep,
     user: StaffUser,
 ) -> Response:
-    try:
-        n = crud.release(
+    return _operator_action(
+        request,
+        series_uid,
+        lambda: crud.release(
             session, settings=settings, user=user, series_uid=series_uid, remote_addr=addr(request)
-        )
-    except crud.NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
-    except crud.Conflict as exc:
-        flash(request, "error", f"Not released: {exc}")
-        return _back(series_uid)
-    flash(request, "ok", f"Released to the archive: {n} instances queued.")
-    return _back(series_uid)
+        ),
+        done=lambda n: f"Released to the archive: {n} instances queued.",
+        refused="Not released",
+    )
+
+
+@router.post("/series/{series_uid}/rescore")
+def rescore(series_uid: str, request: Request, session: SessionDep, user: StaffUser) -> Response:
+    return _operator_action(
+        request,
+        series_uid,
+        lambda: crud.rescore(session, user=user, series_uid=series_uid, remote_addr=addr(request)),
+        done=lambda job_id: f"Queued for scoring again (job {job_id}).",
+        refused="Not queued",
+    )
+
+
+@router.post("/series/{series_uid}/resubmit")
+def resubmit(series_uid: str, request: Request, session: SessionDep, user: StaffUser) -> Response:
+    return _operator_action(
+        request,
+        series_uid,
+        lambda: crud.resubmit(session, user=user, series_uid=series_uid, remote_addr=addr(request)),
+        done=lambda n: f"Resubmitted {n} failed send(s) to the archive.",
+        refused="Not resubmitted",
+    )
