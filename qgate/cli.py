@@ -444,6 +444,29 @@ def retrain(ctx: click.Context, now: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="only report what would be deleted")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Apply the retention policy (retention.* in the config) once.
+
+    Deletes spool originals that were delivered (or, in observe mode, scored) long
+    enough ago, sent outgoing files, and old event/audit rows; never anything unsent or
+    unscored. `qgate serve` runs the same on retention.cron.
+    """
+    from qgate.retention import run_purge
+
+    settings = _settings(ctx)
+    report = run_purge(settings, _sessions(settings), dry_run=dry_run)
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        click.echo(report.summary())
+        for line in report.skipped:
+            click.echo(f"skipped {line}")
+
+
 @main.group()
 def user() -> None:
     """Users of the review web app."""

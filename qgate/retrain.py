@@ -170,6 +170,13 @@ def _pick(n: int, k: int) -> np.ndarray:
 
 
 def _paths(session: Session, uid: str) -> list[str]:
+    """The series' readable spool files; none once retention purged its originals (the
+    callers skip a series without files)."""
+    purged = session.scalar(
+        select(Series.originals_purged_at).where(Series.series_instance_uid == uid)
+    )
+    if purged is not None:
+        return []
     return list(
         session.scalars(
             select(Instance.path)

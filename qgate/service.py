@@ -64,25 +64,40 @@ def _start_web(settings: Settings, sessions: sessionmaker[Session]) -> object | 
 
 
 def _start_scheduler(settings: Settings, sessions: sessionmaker[Session]) -> object:
-    """The nightly retraining on ``retrain.cron`` (APScheduler, one run at a time)."""
+    """The nightly retraining on ``retrain.cron`` and the retention purge on
+    ``retention.cron``, each when enabled (APScheduler, one run of each at a time)."""
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
 
-    from qgate.retrain import run_retrain
-
     scheduler = BackgroundScheduler(daemon=True)
-    scheduler.add_job(
-        run_retrain,
-        CronTrigger.from_crontab(settings.retrain.cron),
-        args=(settings, sessions),
-        kwargs={"trigger": "schedule"},
-        id="retrain",
-        max_instances=1,
-        coalesce=True,
-        misfire_grace_time=3600,
-    )
+    if settings.retrain.enabled:
+        from qgate.retrain import run_retrain
+
+        scheduler.add_job(
+            run_retrain,
+            CronTrigger.from_crontab(settings.retrain.cron),
+            args=(settings, sessions),
+            kwargs={"trigger": "schedule"},
+            id="retrain",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=3600,
+        )
+        log.info("retraining scheduled on %r", settings.retrain.cron)
+    if settings.retention.enabled:
+        from qgate.retention import run_purge
+
+        scheduler.add_job(
+            run_purge,
+            CronTrigger.from_crontab(settings.retention.cron),
+            args=(settings, sessions),
+            id="purge",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=3600,
+        )
+        log.info("retention purge scheduled on %r", settings.retention.cron)
     scheduler.start()
-    log.info("retraining scheduled on %r", settings.retrain.cron)
     return scheduler
 
 
@@ -97,6 +112,12 @@ class Service:
 
     def start(self) -> None:
         s = self.settings
+        if s.archive.tls.enabled:
+            # Fail at start, not at the first send, on a missing or mismatched file. The
+            # SCP's context is built (and checked) when it starts below.
+            from qgate.tls import client_context
+
+            client_context(s.archive.tls)
         s.spool_dir.mkdir(parents=True, exist_ok=True)
         s.outgoing_dir.mkdir(parents=True, exist_ok=True)
         upgrade(s.database.url)
@@ -123,7 +144,7 @@ class Service:
         self._scp = start_scp(s, sessions)
         if s.web.enabled:
             self._web = _start_web(s, sessions)
-        if s.retrain.enabled:
+        if s.retrain.enabled or s.retention.enabled:
             self._scheduler = _start_scheduler(s, sessions)
         # Everything loaded so far lives as long as the process. Freezing it keeps the
         # cyclic GC's full collections from rescanning it (~200k objects with torch,

@@ -28,6 +28,7 @@ from qgate.synth import make_ct_series, write_series
 from qgate.tls import TLSConfigError, client_context, server_context
 from tests.conftest import free_port
 from tests.support.dicomfiles import DCMTK_ENV
+from tests.support.storescp import storescp
 from tests.support.tls import PKI, make_pki
 
 # sha256 of pynetdicom 3.0.4's AssociationServer.get_request, which
@@ -144,32 +145,16 @@ def test_a_silent_connection_does_not_hold_up_the_next_handshake(
         assert time.monotonic() - started < 10
 
 
-def _storescp(port: int, out: Path, pki: PKI) -> subprocess.Popen[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        "storescp", "-aet", "ARCHIVE", "-od", str(out),
-        "+tls", str(pki.server.private_key), str(pki.server.certificate),
-        "+cf", str(pki.ca), "-rc",  # require a client certificate from this CA
-        str(port),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=DCMTK_ENV, text=True, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("storescp did not start")
-
-
 @pytest.fixture
 def tls_archive(tmp_path: Path, pki: PKI) -> Iterator[tuple[Destination, Path]]:
-    port, out = free_port(), tmp_path / "archive"
-    proc = _storescp(port, out, pki)
-    yield Destination("ARCHIVE", "127.0.0.1", port), out
-    proc.terminate()
-    proc.wait(timeout=10)
+    """storescp with TLS, requiring a client certificate from the test CA (-rc)."""
+    port = free_port()
+    tls = [
+        "+tls", str(pki.server.private_key), str(pki.server.certificate),
+        "+cf", str(pki.ca), "-rc",
+    ]  # fmt: skip
+    with storescp(port, tmp_path / "archive", extra=tls) as out:
+        yield Destination("ARCHIVE", "127.0.0.1", port), out
 
 
 def _archive_tls(pki: PKI, **kw: object) -> TLSConfig:

@@ -85,6 +85,9 @@ class Series(Base):
     forwarded_generation: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # When retention deleted the spool originals (qgate.retention); the instance rows stay
+    # as the record of what was received. Set: nothing left to forward or rescore.
+    originals_purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class Instance(Base):
@@ -170,6 +173,8 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # When retention deleted this send's files under outgoing/ (results items only).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_outbox_state_next", "state", "next_attempt_at"),)
 
