@@ -310,6 +310,10 @@ IBSI_COMMIT = "6da96021bc91faf4c0cb7fd7fa56a4225d2064a8"
 PYDICOM_DATA = "pydicom/pydicom-data"
 PYDICOM_DATA_COMMIT = "b0d40d1e0a42c5696936043bbd8059984259cd33"
 PYDICOM_VERSION = "3.0.2"
+DCM_QA_CT = "neurolabusc/dcm_qa_ct"
+DCM_QA_CT_COMMIT = "d03e30e4c5c8ad07bf16422b96efc3e91e233dc5"
+FO_DICOM = "fo-dicom/fo-dicom"
+FO_DICOM_COMMIT = "1b92c5980a06a1906f4fbb362b4234b9003949de"
 
 # IBSI validation set: 51 soft-tissue-sarcoma CTs (extremities), each cropped 5 cm around
 # the tumour by the IBSI (see ibsi_validation/README.md).
@@ -436,6 +440,54 @@ def _sources() -> list[RealCTSource]:
                 note=f"TCIA Soft-tissue-Sarcoma {sid} (CT of the PET/CT), cropped by the IBSI.",
             )
         )
+    # ---- head: dcm_qa_ct GE HiSpeed Dual head CT (human; the Philips series there is a
+    # phantom and is not used). One gantry-tilted (+18.5 deg) series of 28 slices in two
+    # blocks: 14 x 4 mm (foramen magnum up) then 14 x 7 mm (up to the vertex), with an
+    # overlap between them; registered as two volumes so each has one slice spacing.
+    ge_head = "In/GE/{:02d}.dcm"
+    for label, first, thick, region in (
+        ("4mm", 1, 4, "foramen magnum to basal ganglia"),
+        ("7mm", 15, 7, "basal ganglia to vertex"),
+    ):
+        out.append(
+            RealCTSource(
+                name=f"dcm_qa_ct_ge_head_{label}",
+                origin=GitHubOrigin(
+                    DCM_QA_CT,
+                    DCM_QA_CT_COMMIT,
+                    tuple(ge_head.format(i) for i in range(first, first + 14)),
+                ),
+                licence="BSD-2-Clause",
+                licence_file="LICENSE (repository; README: human scan provided by Aliza "
+                "Medical Imaging)",
+                anatomy=f"head (brain; {region})",
+                vendor="GE MEDICAL SYSTEMS",
+                role="train",
+                loader=load_dicom,
+                note=f"dcm2niix CT validation data, GE HiSpeed Dual; {thick} mm slices "
+                "(images 01-14 and 15-28 of one series), gantry tilt +18.5 deg: slices stay "
+                "in the tilted gantry frame, z spacing is measured along the slice normal.",
+            )
+        )
+    out.append(
+        RealCTSource(
+            name="fodicom_ingenuity_head",
+            origin=GitHubOrigin(
+                FO_DICOM,
+                FO_DICOM_COMMIT,
+                ("Tests/FO-DICOM.Tests/Test Data/IM-0001-0001-0001.dcm",),
+            ),
+            licence="MS-PL",
+            licence_file="License.txt (repository; no separate test-data licence)",
+            anatomy="head (single slice: skull base / posterior fossa, 149 mm FOV)",
+            vendor="Philips",
+            role="train",
+            loader=load_dicom,
+            note="fo-dicom test file (JPEG lossless), Philips Ingenuity CT, kernel C, "
+            "140 kV; BodyPartExamined says CSPINE but the slice shows the brain at the "
+            "skull base.",
+        )
+    )
     # ---- evaluation only: pydicom / pydicom-data test files --------------------------
     pyd_members = "pydicom/data/test_files/"
     out += [
