@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,17 +39,21 @@ def spool_series(
     patient_name: str = "Test^Phantom",
     patient_id: str = "QG-0001",
     received_at: dt.datetime | None = None,
+    datasets: list[Dataset] | None = None,
 ) -> str:
-    """Put a synthetic CT series in the spool with its rows, as received. Returns its UID."""
-    datasets = make_ct_series(
-        n,
-        size,
-        size,
-        noise_hu=noise_hu,
-        seed=seed,
-        patient_name=patient_name,
-        patient_id=patient_id,
-    )
+    """Put a synthetic CT series (or ``datasets``) in the spool with its rows, as received.
+    Returns its UID."""
+    if datasets is None:
+        datasets = make_ct_series(
+            n,
+            size,
+            size,
+            noise_hu=noise_hu,
+            seed=seed,
+            patient_name=patient_name,
+            patient_id=patient_id,
+        )
+    n = len(datasets)
     first = datasets[0]
     uid = str(first.SeriesInstanceUID)
     folder = settings.spool_dir / uid
