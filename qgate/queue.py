@@ -240,7 +240,7 @@ def retry_parked(session: Session, ids: Sequence[int] | None = None) -> int:
 
 
 class RescoreError(Exception):
-    """The series cannot be re-scored now (unknown, still receiving, or already queued)."""
+    """The series cannot be re-scored now (unknown, receiving, purged, or already queued)."""
 
 
 def rescore(session: Session, *, series_uid: str, by: str) -> Job:
@@ -253,14 +253,18 @@ def rescore(session: Session, *, series_uid: str, by: str) -> Job:
     Raises
     ------
     RescoreError
-        No such series, still receiving (it is scored once complete), or a job for it is
-        already queued or running.
+        No such series, still receiving (it is scored once complete), its originals purged
+        by retention, or a job for it is already queued or running.
     """
     series = session.get(Series, series_uid, with_for_update=True)
     if series is None:
         raise RescoreError(f"no such series: {series_uid}")
     if series.status == "receiving":
         raise RescoreError(f"series {series_uid} is still receiving; it is scored once complete")
+    if series.originals_purged_at is not None:
+        raise RescoreError(
+            f"series {series_uid} cannot be re-scored: retention deleted its originals"
+        )
     active = session.scalar(
         select(Job).where(
             Job.series_instance_uid == series_uid, Job.state.in_(("queued", "running"))

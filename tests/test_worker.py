@@ -700,6 +700,12 @@ def test_hold_in_forward_mode_and_resubmit_after_an_archive_outage(
     assert audit_of(sessions, uid) == [("cli", "release"), ("cli", "resubmit")]
     assert events_of(sessions, uid, "dispatch")[-3:] == ["resubmitted", "claimed", "sent"]
 
+    # Once retention has deleted the originals there is nothing left to score.
+    with sessions.begin() as s:
+        s.get(Series, uid).originals_purged_at = utcnow()  # type: ignore[union-attr]
+    gone = invoke(qgate, "rescore", uid)
+    assert gone.exit_code == 1 and "retention deleted its originals" in gone.stderr
+
 
 @pytest.mark.parametrize("mode", ["forward", "gate"])
 def test_failing_scorer_is_skipped_and_the_series_still_goes_out(
