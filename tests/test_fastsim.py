@@ -1,0 +1,43 @@
+"""The linear dose ladder (training.ct.fastsim) against the full simulator (issue 10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.ct import LowDoseSimulator, ScanParams
+from training.ct.fastsim import ladder, max_linear_error
+
+
+def _ellipse(n: int, px: float, a_mm: float = 120.0, b_mm: float = 85.0) -> torch.Tensor:
+    c = (torch.arange(n) - n / 2 + 0.5) * px
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    hu = torch.full((n, n), -1000.0)
+    hu[(xx / a_mm) ** 2 + (yy / b_mm) ** 2 < 1] = 0.0
+    return hu[None].repeat(3, 1, 1)
+
+
+@pytest.mark.parametrize("kernel", ["standard", "sharp"])
+def test_noise_matches_full_simulator(kernel: str) -> None:
+    torch.set_num_threads(2)
+    n, px = 128, 2.8
+    sim = LowDoseSimulator(ScanParams.binned(4, kernel=kernel), device="cpu")
+    hu = _ellipse(n, px)
+    bases = ladder(sim, hu, px, doses=(1.0, 0.25, 0.05), views_steps=(1, 4),
+                   generator=sim.generator(0))
+    line = sim.project(hu, px)
+    clean = sim.reconstruct(line, px, n)
+    # the noiseless part is the same reconstruction
+    assert torch.allclose(bases[1].clean, clean, atol=1e-3)
+    c = slice(n // 2 - 16, n // 2 + 16)
+    for dose in (1.0, 0.25, 0.05):
+        assert max_linear_error(sim, line, dose) < 0.02
+        full = sim.reconstruct(sim.acquire(line, dose, sim.generator(1)), px, n)
+        sd_full = float((full - clean)[:, c, c].std())
+        sd_fast = float((bases[1].at(dose) - clean)[:, c, c].std())
+        assert sd_fast == pytest.approx(sd_full, rel=0.12), (dose, sd_fast, sd_full)
+    # noise rises as 1/sqrt(dose), fewer views give more noise and streaks
+    s = [float((bases[1].at(d) - clean)[:, c, c].std()) for d in (1.0, 0.25, 0.05)]
+    assert s[0] < s[1] < s[2]
+    assert s[1] / s[0] == pytest.approx(2.0, rel=0.1)
+    assert float((bases[4].at(1.0) - clean)[:, c, c].std()) > s[0]
