@@ -63,6 +63,7 @@ choices (FACTS.md: no public code exists):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -125,10 +126,13 @@ class MDIQAConfig:
     in_chans: int = 2
     hu_window: tuple[float, float] = (-1000.0, 400.0)  # LDCTIQAC2023 (FACTS)
     soft_window: tuple[float, float] = (-160.0, 240.0)  # C40/W400, channel 1 when in_chans=2
-    # "native": img_size crops at the slice's own pixels (ours); "resize": crop fraction
-    # ``crop`` resized to img_size (the first version).
-    crop_mode: Literal["native", "resize"] = "native"
-    n_crops: int = 4  # native crops scored per slice at inference: 1, 4 or 5
+    # "native": img_size crops at the slice's own pixels on the body (ours); "grid": native
+    # crops on a regular grid over the whole slice (ours, issue 10: the score then estimates
+    # the whole slice, as SSIM does); "resize": crop fraction ``crop`` resized to img_size
+    # (the first version).
+    crop_mode: Literal["native", "grid", "resize"] = "native"
+    n_crops: int = 4  # "native" crops scored per slice at inference: 1, 4 or 5
+    grid_per_axis: int = 3  # "grid": at most this many crops per axis, evenly spread
     crop: tuple[float, float] = (32 / 512, 480 / 512)  # "resize": rows/cols kept, as fractions
     norm_mean: float = 0.5
     norm_std: float = 0.5
@@ -171,8 +175,12 @@ class MDIQAConfig:
                 object.__setattr__(self, f.name, tuple(v))
         if self.in_chans not in (1, 2, 3):
             raise ValueError(f"in_chans must be 1, 2 or 3, got {self.in_chans}")
-        if self.crop_mode not in ("native", "resize"):
-            raise ValueError(f"crop_mode must be 'native' or 'resize', got {self.crop_mode!r}")
+        if self.crop_mode not in ("native", "grid", "resize"):
+            raise ValueError(
+                f"crop_mode must be 'native', 'grid' or 'resize', got {self.crop_mode!r}"
+            )
+        if self.grid_per_axis < 1:
+            raise ValueError(f"grid_per_axis must be >= 1, got {self.grid_per_axis}")
         if self.n_crops not in CROP_OFFSETS:
             raise ValueError(f"n_crops must be one of {sorted(CROP_OFFSETS)}, got {self.n_crops}")
         if self.img_size % self.patch_size:
@@ -240,6 +248,7 @@ class MDIQADataConfig:
     soft_window: tuple[float, float] = (-160.0, 240.0)
     crop_mode: str = "resize"
     n_crops: int = 1
+    grid_per_axis: int = 3
 
 
 def resolve_data_config(model_or_cfg: MDIQA | MDIQAConfig) -> MDIQADataConfig:
@@ -255,6 +264,7 @@ def resolve_data_config(model_or_cfg: MDIQA | MDIQAConfig) -> MDIQADataConfig:
         soft_window=cfg.soft_window,
         crop_mode=cfg.crop_mode,
         n_crops=cfg.n_crops,
+        grid_per_axis=cfg.grid_per_axis,
     )
 
 
@@ -353,16 +363,36 @@ def extract_crops(x: torch.Tensor, centers: torch.Tensor, size: int) -> torch.Te
     return torch.stack(out).contiguous()
 
 
+def grid_centers(shape: tuple[int, int], size: int, per_axis: int) -> torch.Tensor:
+    """Centres (n, 2) of ``size`` crops on a regular grid over an image of ``shape``: as many
+    per axis as tile it (``ceil(H / size)``), at most ``per_axis``, first and last flush
+    with the borders, so the crops are an even sample of the whole slice."""
+    axes = []
+    for n in shape:
+        k = max(1, min(per_axis, math.ceil(n / size)))
+        if k == 1 or n <= size:
+            axes.append(torch.tensor([(n - 1) / 2]))
+        else:
+            axes.append(torch.linspace(size / 2, n - size / 2, k))
+    rows, cols = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    return torch.stack([rows.reshape(-1), cols.reshape(-1)], 1)
+
+
 def mdiqa_crops(hu: ArrayLike, data_cfg: MDIQADataConfig) -> torch.Tensor:
     """HU slices (B, H, W) -> the crops a slice is scored from, (B, n, C, img, img).
 
     ``crop_mode="native"``: ``n_crops`` native-resolution crops on the body
-    (:data:`CROP_OFFSETS`); ``"resize"``: one crop, the first version's resized input.
+    (:data:`CROP_OFFSETS`); ``"grid"``: native crops on a regular grid over the whole
+    slice (:func:`grid_centers`); ``"resize"``: one crop, the first version's resized input.
     The one preprocessing of training, evaluation and the worker; runs on ``hu``'s device.
     """
     t = _check_slices(hu)
     if data_cfg.crop_mode == "resize":
         return _resized(t, data_cfg)[:, None]
+    if data_cfg.crop_mode == "grid":
+        centers = grid_centers(t.shape[-2:], data_cfg.img_size, data_cfg.grid_per_axis)
+        centers = centers.to(t.device)[None].expand(len(t), -1, -1)
+        return extract_crops(mdiqa_channels(t, data_cfg), centers, data_cfg.img_size)
     centre, spread = body_frame(t)
     offs = torch.tensor(CROP_OFFSETS[data_cfg.n_crops])
     return extract_crops(
