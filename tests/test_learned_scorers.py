@@ -119,14 +119,16 @@ def test_n2q_outputs_and_map(weights: dict[str, Path], volume: SeriesVolume) -> 
     scorer = create_scorer("n2q", config=_slice_cfg(weights["n2q"]), device="cpu")
     assert isinstance(scorer, N2QScorer)
     out = scorer.score(volume)
-    assert set(out.series) == {"mean_quality", "dose_class", "slices_scored"}
+    assert set(out.series) == {"mean_quality", "body_quality", "dose_class", "slices_scored"}
     assert isinstance(out.series["mean_quality"], float)
-    assert -1.0 < out.series["mean_quality"] < 1.0
-    assert out.series["dose_class"] in (5, 10, 25, 50, 75)
+    # SSIM's meaningful range for users: the map is clipped to [0, 1]
+    assert 0.0 <= out.series["mean_quality"] <= 1.0
+    assert 0.0 <= out.series["body_quality"] <= 1.0
+    assert out.series["dose_class"] in scorer.n2q.cfg.dose_levels
     assert isinstance(out.series["dose_class"], int)
     assert out.units["dose_class"] == "%" and out.units["mean_quality"] == "1"
     per_slice = out.slices["mean_quality"]
-    assert len(per_slice) == N_SLICES and all(-1.0 < v < 1.0 for v in per_slice)
+    assert len(per_slice) == N_SLICES and all(0.0 <= v <= 1.0 for v in per_slice)
 
     (qmap,) = out.maps
     assert qmap.name == "quality" and qmap.unit == "1"
@@ -255,7 +257,9 @@ def test_pipeline_builds_from_settings(weights: dict[str, Path], volume: SeriesV
     assert md["slice_scores"][1] is None and md["slice_scores"][0] is not None
     # Existing keys are unchanged: the classical scorers' per-slice lists stay in "slices".
     assert set(js["noise"]) == {*outputs["noise"].series, "slices", "version"}
-    assert set(js["n2q"]) == {"mean_quality", "dose_class", "slices_scored", "slices", "version"}
+    assert set(js["n2q"]) == {
+        "mean_quality", "body_quality", "dose_class", "slices_scored", "slices", "version"
+    }
     assert set(js["chestiqa"]) >= {"window_class", "dose_class", "snr", "brisque", "score"}
     with pytest.raises(Exception, match="extra"):
         load_settings(path=None, scoring={"n2q": {"max_slice": 3}})

@@ -172,6 +172,7 @@ for _output, _meaning in {
     "snr": "Signal-to-noise ratio",
     "score": "Image quality score",
     "mean_quality": "Mean predicted structural similarity",
+    "body_quality": "Mean predicted structural similarity in the body",
     "dose_class": "Dose class",
     "window_class": "Window class",
     "brisque": "BRISQUE score",

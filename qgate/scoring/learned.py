@@ -57,15 +57,18 @@ Outputs
     paper's argmax read-out; ``slices_scored``. Per slice: ``slice_scores``,
     ``slice_scores_argmax``.
 ``n2q``:
-    ``mean_quality``: mean predicted SSIM (against full dose) over the body pixels of the
-    scored slices (body mask: :func:`qgate.scoring.body.body_mask`, on the model's
-    grid); ``dose_class``: the dose level (percent of routine dose) with the highest mean
+    ``mean_quality``: mean predicted SSIM (against a noiseless acquisition with the same
+    kernel, in C40/W400) over the whole of the scored slices, the map clipped to [0, 1];
+    ``body_quality``: the same over the body pixels only (body mask:
+    :func:`qgate.scoring.body.body_mask`, on the model's grid); ``dose_class``: the dose
+    level (percent of routine dose for this kernel and patient) with the highest mean
     probability over the scored slices that hold body; ``slices_scored``. Per slice:
-    ``mean_quality``. Map ``quality``: predicted SSIM on the model's grid, display range
-    0-1, higher is better. The shipped model reads the slice at its own pixel grid (no
-    resize: ``N2QInputConfig.size=None``), so the map has the image's rows and columns
-    and pixel spacing; a model trained with a fixed ``size`` gives maps of that size
-    (map pixel spacing = image spacing x rows / size).
+    ``mean_quality``, ``body_quality``. Map ``quality``: predicted SSIM on the model's
+    grid, clipped to [0, 1], display range 0-1, higher is better. The shipped model
+    reads the slice at its own pixel grid (no resize: ``N2QInputConfig.size=None``), so
+    the map has the image's rows and columns and pixel spacing; a model trained with a
+    fixed ``size`` gives maps of that size (map pixel spacing = image spacing x rows /
+    size).
 ``chestiqa``:
     ``window_class`` (``soft_tissue``/``lung``), ``dose_class`` (``low``/``high``),
     ``snr``, ``brisque``, ``score`` (the linear quality module, a clinician-like 1-10
@@ -427,7 +430,12 @@ class MDIQAScorer(_LearnedScorer):
 
 @register_scorer("n2q")
 class N2QScorer(_LearnedScorer):
-    """Noise2Quality: predicted SSIM map, its mean over the body, and the dose class."""
+    """Noise2Quality: predicted SSIM map, its mean over the slice and the body, the dose class.
+
+    The map is clipped to SSIM's meaningful range [0, 1]. ``mean_quality`` is the map's
+    mean over the whole slice, as SSIM itself is averaged (air and lung, clipped in the
+    soft-tissue window, count as faithful); ``body_quality`` its mean over the body only.
+    """
 
     name = "n2q"
     family: Family = "n2q"
@@ -459,7 +467,7 @@ class N2QScorer(_LearnedScorer):
                 map_size="model",
             )
         assert pred.maps is not None
-        maps = pred.maps.astype(np.float32, copy=False)  # (k, size, size)
+        maps = np.clip(pred.maps.astype(np.float32, copy=False), 0.0, 1.0)  # (k, size, size)
         size = maps.shape[-2:]
         f = mask_scale(hu.shape)
         coarse = body_mask(block_mean(hu, f)).astype(np.float32)
@@ -468,9 +476,11 @@ class N2QScorer(_LearnedScorer):
         sums = np.where(inside, maps, 0.0).sum(axis=(1, 2), dtype=np.float64)
         counts = inside.sum(axis=(1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
-            per_slice = sums / counts
+            per_slice_body = sums / counts
         total = int(counts.sum())
-        mean_q = float(sums.sum() / total) if total else math.nan
+        body_q = float(sums.sum() / total) if total else math.nan
+        per_slice = maps.mean(axis=(1, 2), dtype=np.float64)
+        mean_q = float(per_slice.mean())
         has_body = counts > 0
         probs = pred.dose_probs[has_body] if has_body.any() else pred.dose_probs
         dose = int(pred.dose_levels[int(np.argmax(probs.mean(axis=0)))])
@@ -480,11 +490,20 @@ class N2QScorer(_LearnedScorer):
         return ScoreOutput(
             series={
                 "mean_quality": round(mean_q, 4) if math.isfinite(mean_q) else math.nan,
+                "body_quality": round(body_q, 4) if math.isfinite(body_q) else math.nan,
                 "dose_class": dose,
                 "slices_scored": len(idx),
             },
-            slices={"mean_quality": _with_nan(n, idx, per_slice)},
-            units={"mean_quality": "1", "dose_class": "%", "slices_scored": "1"},
+            slices={
+                "mean_quality": _with_nan(n, idx, per_slice),
+                "body_quality": _with_nan(n, idx, per_slice_body),
+            },
+            units={
+                "mean_quality": "1",
+                "body_quality": "1",
+                "dose_class": "%",
+                "slices_scored": "1",
+            },
             maps=[
                 SliceMap(
                     name="quality",
