@@ -347,6 +347,11 @@ class ChestInputConfig:
         HU that maps to log1p(1) in the noise channel (10 HU: routine soft-tissue noise).
     highpass_sigma : float
         Blur of the high-pass, in native pixels.
+    extra_sigmas : tuple of float
+        More noise channels, one per high-pass blur here (native pixels; ours, issue 10).
+        With two scales the network sees the noise's spectrum, not only its amplitude: a
+        sharp (lung, bone) kernel puts its noise at the finest scale, a smooth one at
+        coarser ones, and the dose is the amplitude relative to that.
     """
 
     depth: int = 32
@@ -356,8 +361,11 @@ class ChestInputConfig:
     noise_channel: bool = True
     noise_ref_hu: float = 10.0
     highpass_sigma: float = 1.0
+    extra_sigmas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(s <= 0 for s in self.extra_sigmas):
+            raise ValueError(f"extra_sigmas must be > 0, got {self.extra_sigmas}")
         if self.depth < 1 or self.size < 32:
             raise ValueError(f"need depth >= 1 and size >= 32, got {self.depth}, {self.size}")
         if self.depth_mode not in ("even", "center"):
@@ -369,7 +377,7 @@ class ChestInputConfig:
 
     @property
     def in_chans(self) -> int:
-        return 2 if self.noise_channel else 1
+        return 1 + int(self.noise_channel) + len(self.extra_sigmas)
 
 
 def prepare_chest_input(hu: ArrayLike, cfg: ChestInputConfig) -> torch.Tensor:
@@ -385,6 +393,9 @@ def prepare_chest_input(hu: ArrayLike, cfg: ChestInputConfig) -> torch.Tensor:
     chans = [resize2d(hu_to_unit(vol, cfg.hu_range), cfg.size)]
     if cfg.noise_channel:
         hp = high_pass(vol, sigma=cfg.highpass_sigma)
+        chans.append(torch.log1p(local_rms(hp, cfg.size) / cfg.noise_ref_hu))
+    for sigma in cfg.extra_sigmas:
+        hp = high_pass(vol, sigma=sigma)
         chans.append(torch.log1p(local_rms(hp, cfg.size) / cfg.noise_ref_hu))
     return torch.stack(chans, dim=0)[None].contiguous()
 

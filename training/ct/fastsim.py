@@ -78,19 +78,22 @@ def noise_basis(
     recon_pixel_mm: float,
     views_step: int = 1,
     kernel: str | None = None,
+    electronic: bool = True,
 ) -> NoiseBasis:
-    """Reconstruct the clean sinogram and the two noise sinograms once."""
-    quantum, electronic = noise
+    """Reconstruct the clean sinogram and the two noise sinograms once (``electronic=False``:
+    leave the read-out noise out and save its reconstruction)."""
+    quantum, e_sino = noise
 
     def fbp(s: torch.Tensor, mu_offset: bool) -> torch.Tensor:
         hu = sim.reconstruct(s, recon_pixel_mm, recon_n, views_step=views_step, kernel=kernel)
         # mu_to_hu maps 0 to -1000 HU: noise images are differences, so add the offset back.
         return hu if mu_offset else hu + 1000.0
 
+    clean = fbp(line, True)
     return NoiseBasis(
-        clean=fbp(line, True),
+        clean=clean,
         quantum=fbp(quantum, False),
-        electronic=fbp(electronic, False),
+        electronic=fbp(e_sino, False) if electronic else torch.zeros_like(clean),
         views_step=views_step,
         kernel=kernel or sim.params.kernel,
     )
