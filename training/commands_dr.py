@@ -1,0 +1,134 @@
+"""``qgate-train`` commands of the domain-randomised recipe and its independent check (issue 10).
+
+qgate-train build-randomized .cache/data/dr1 --blocks 400 [--worker 0/2]
+qgate-train build-chest .cache/data/chest_dr --blocks 40 [--worker 0/2]
+qgate-train fit-randomized mdiqa|n2q OUT --data .cache/data/dr1 [--budget S]
+qgate-train fit-chest OUT --data .cache/data/chest_dr
+qgate-train evaluate-independent --out training/reports [--weights-dir DIR]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _worker(value: str) -> tuple[int, int]:
+    w, n = (int(v) for v in value.split("/"))
+    if not 0 <= w < n:
+        raise click.BadParameter(f"worker must be w/n with 0 <= w < n, got {value}")
+    return w, n
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+@click.command("build-randomized")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--blocks", type=int, default=400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--worker", default="0/1", show_default=True, help="w/n: blocks i % n == w.")
+@click.option("--threads", type=int, default=1, show_default=True)
+def build_randomized_cmd(out: str, blocks: int, seed: int, worker: str, threads: int) -> None:
+    """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
+    from training.datasets.randomized import RandomizedConfig, build_randomized
+
+    _threads(threads)
+    made = build_randomized(
+        out, RandomizedConfig(n_blocks=blocks, seed=seed), worker=_worker(worker), echo=click.echo
+    )
+    click.echo(f"made {made} blocks")
+
+
+@click.command("build-chest")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--blocks", type=int, default=40, show_default=True)
+@click.option("--worker", default="0/1", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+def build_chest_cmd(out: str, blocks: int, worker: str, threads: int) -> None:
+    """Domain-randomised Chest CT-IQA volumes (resumable)."""
+    from training.datasets.chest_dr import ChestDRConfig, build_chest_dr
+
+    _threads(threads)
+    made = build_chest_dr(
+        out, ChestDRConfig(n_blocks=blocks), worker=_worker(worker), echo=click.echo
+    )
+    click.echo(f"made {made} blocks")
+
+
+@click.command("fit-randomized")
+@click.argument("family", type=click.Choice(["mdiqa", "n2q"]))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, default=[".cache/data/dr1"], show_default=True)
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--budget", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--init", default=None, help="Weights to start from (default: shipped).")
+def fit_randomized_cmd(
+    family: str,
+    out: str,
+    data: tuple[str, ...],
+    steps: int,
+    budget: float | None,
+    threads: int,
+    init: str | None,
+) -> None:
+    """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
+    from training.fit.randomized import DRFitConfig, fit_dr
+
+    cfg = DRFitConfig(family, steps=steps, time_budget_s=budget, threads=threads, init=init)
+    click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
+
+
+@click.command("fit-chest")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, default=[".cache/data/chest_dr"], show_default=True)
+@click.option("--steps", type=int, default=600, show_default=True)
+@click.option("--budget", type=float, default=None)
+@click.option("--threads", type=int, default=1, show_default=True)
+def fit_chest_cmd(
+    out: str, data: tuple[str, ...], steps: int, budget: float | None, threads: int
+) -> None:
+    """Train Chest CT-IQA on domain-randomised volumes."""
+    from training.fit.chest_dr import ChestDRFitConfig, fit_chest_dr
+
+    cfg = ChestDRFitConfig(steps=steps, time_budget_s=budget, threads=threads)
+    click.echo(str(fit_chest_dr(list(data), out, cfg, echo=click.echo)))
+
+
+@click.command("evaluate-independent")
+@click.option(
+    "--out", default="training/reports", show_default=True, type=click.Path(file_okay=False)
+)
+@click.option("--realct", default=".cache/realct", show_default=True)
+@click.option(
+    "--weights-dir",
+    default=None,
+    help="mdiqa/n2q/chestiqa.safetensors (default: the shipped weights).",
+)
+@click.option("--chest/--no-chest", default=True, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+def evaluate_independent_cmd(
+    out: str, realct: str, weights_dir: str | None, chest: bool, threads: int
+) -> None:
+    """Score held-out real CT through the independent (scikit-image) simulator."""
+    from training.independent import run_chest, run_independent
+
+    _threads(threads)
+    res = run_independent(out, realct=realct, weights_dir=weights_dir, echo=click.echo)
+    for name, rep in res["reports"].items():
+        click.echo(
+            f"{name}: "
+            + ", ".join(f"{m} Spearman {c['spearman']:.3f}" for m, c in rep["correlations"].items())
+        )
+    if chest:
+        w = Path(weights_dir) / "chestiqa.safetensors" if weights_dir else None
+        ch = run_chest(out, realct=realct, weights=w, echo=click.echo)
+        click.echo(
+            f"chest: window accuracy {ch['window_accuracy']:.3f}, dose accuracy "
+            f"{ch['dose_accuracy']:.3f} ({ch['n']} volumes)"
+        )
