@@ -10,18 +10,21 @@ The second rule lets a modality that sends one series per association get its re
 seconds instead of a minute. The grace period covers a modality that opens a second
 association for the rest of the series. After a crash the in-memory association count is
 lost, the stored count stays above zero, and only the first rule applies: slower, never
-early. All state is in SQL, so completion survives a restart.
+early. All state is in SQL, so completion survives a restart, and any number of
+assemblers (one beside each receiver, on any node) may poll at once: each move is a
+conditional UPDATE that only one of them wins.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import SeriesConfig
+from qgate.config import SeriesConfig, Settings
 from qgate.db.models import Series, utcnow
 from qgate.events import record
 from qgate.queue import enqueue_score
@@ -77,3 +80,22 @@ def queue_complete_series(
     if queued:
         log.info("queued %d complete series for scoring", len(queued))
     return queued
+
+
+class Assembler(threading.Thread):
+    """Polls for complete series every ``series.poll_seconds`` and queues them."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(name="assembler", daemon=True)
+        self.settings, self.sessions = settings, sessions
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.settings.series.poll_seconds):
+            try:
+                queue_complete_series(self.sessions, self.settings.series)
+            except Exception:  # keep polling; the database may come back
+                log.exception("assembler poll failed")

@@ -85,7 +85,7 @@ def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
         raise click.ClickException(
             f"the database {where} has no qgate schema; run `qgate db upgrade` first"
         )
-    return make_session_factory(engine)
+    return make_session_factory(engine, node=settings.node_name)
 
 
 def _echo_json(obj: Any) -> None:
@@ -103,13 +103,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.ensure_object(dict)["verbose"] = verbose
 
 
-@main.command()
-@click.pass_context
-def serve(ctx: click.Context) -> None:
-    """Run the SCP, the assembler, the scoring worker and the dispatcher."""
-    from qgate.service import Service
-
-    service = Service(_settings(ctx))
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set (the stage or supervisor then stops)."""
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -118,9 +113,77 @@ def serve(ctx: click.Context) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    service.start()
-    done.wait()
-    service.stop()
+    return done
+
+
+def _run_stage(make: Any) -> None:
+    """Run the stage ``make()`` builds until SIGTERM/SIGINT; a clear error if it cannot."""
+    from qgate.stage import SchemaNotReady, run_stage
+
+    done = _stop_on_signals()
+    try:
+        run_stage(make(), done)
+    except (SchemaNotReady, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run every stage on this machine, each as a supervised process (migrates first)."""
+    from qgate.service import Supervisor, config_args
+
+    state = ctx.find_root().ensure_object(dict)
+    settings = _settings(ctx)
+    args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))
+    Supervisor(settings, cli_args=args).run(_stop_on_signals())
+
+
+@main.command()
+@click.pass_context
+def receive(ctx: click.Context) -> None:
+    """Run the receive stage: the DICOM SCP and series assembly."""
+    from qgate.receive.stage import ReceiveStage
+
+    settings = _settings(ctx)
+    _run_stage(lambda: ReceiveStage(settings))
+
+
+@main.command()
+@click.option(
+    "--slot",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="this worker process's number on this node (unique per node)",
+)
+@click.pass_context
+def worker(ctx: click.Context, slot: int) -> None:
+    """Run the score stage: queue.workers scoring threads and the scheduled housekeeping."""
+    from qgate.score.stage import WorkerStage
+
+    settings = _settings(ctx)
+    _run_stage(lambda: WorkerStage(settings, slot=slot))
+
+
+@main.command()
+@click.pass_context
+def dispatch(ctx: click.Context) -> None:
+    """Run the dispatch stage: send the outbox to the archive."""
+    from qgate.dispatch.stage import DispatchStage
+
+    settings = _settings(ctx)
+    _run_stage(lambda: DispatchStage(settings))
+
+
+@main.command()
+@click.pass_context
+def web(ctx: click.Context) -> None:
+    """Run the review app on web.host:web.port."""
+    from qgate.web.stage import WebStage
+
+    settings = _settings(ctx)
+    _run_stage(lambda: WebStage(settings))
 
 
 @main.group()
@@ -135,7 +198,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Apply the Alembic migrations."""
     from qgate.db import upgrade
 
-    upgrade(_settings(ctx).database.url, revision)
+    settings = _settings(ctx)
+    upgrade(settings.database.url, revision, storage_root=settings.storage.root)
     click.echo(f"database at {revision}")
 
 
@@ -430,10 +494,13 @@ def retrain(ctx: click.Context, now: bool, as_json: bool) -> None:
         raise click.UsageError(
             "the nightly run is scheduled by `qgate serve` (retrain.cron); use --now to run it here"
         )
-    from qgate.retrain import run_retrain
+    from qgate.retrain import RetrainBusy, run_retrain
 
     settings = _settings(ctx)
-    outcome = run_retrain(settings, _sessions(settings), trigger="cli")
+    try:
+        outcome = run_retrain(settings, _sessions(settings), trigger="cli")
+    except RetrainBusy as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         _echo_json(outcome.to_json())
     else:

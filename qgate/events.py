@@ -15,5 +15,17 @@ def record(
     series_uid: str | None = None,
     detail: str | None = None,
 ) -> None:
-    """Add an event row to ``session``; it commits (or not) with the state change it describes."""
-    session.add(Event(stage=stage, event=event, series_instance_uid=series_uid, detail=detail))
+    """Add an event row to ``session``; it commits (or not) with the state change it describes.
+
+    The row names the node whose session factory made ``session``
+    (:func:`qgate.db.make_session_factory`'s ``node``).
+    """
+    session.add(
+        Event(
+            stage=stage,
+            event=event,
+            series_instance_uid=series_uid,
+            detail=detail,
+            node=session.info.get("node"),
+        )
+    )

@@ -1,9 +1,11 @@
 """Durable scoring queue in the SQL store.
 
-Workers claim a job with a conditional ``UPDATE ... WHERE state = 'queued'`` and hold it
-under a lease. A lease that lapses (worker crashed or hung) puts the job back; so does a
-restart of the node that held it. ``attempts`` counts claims, so a job that keeps killing
-its worker is parked after ``max_attempts`` like one that keeps raising.
+Workers claim a job under a lease: on PostgreSQL the oldest claimable row is selected
+``FOR UPDATE SKIP LOCKED`` (any number of workers on any number of nodes), on SQLite by a
+conditional ``UPDATE ... WHERE state = 'queued'``. A lease that lapses (worker crashed or
+hung, on whichever node) puts the job back; so does a restart of the worker that held it.
+``attempts`` counts claims, so a job that keeps killing its worker is parked after
+``max_attempts`` like one that keeps raising.
 """
 
 from __future__ import annotations
@@ -55,11 +57,16 @@ def claim(
     """
     now = now or utcnow()
     while True:
+        # PostgreSQL: the row is locked until the claim commits, and rows other workers
+        # have locked are skipped, so concurrent workers take different jobs without
+        # retrying. SQLite renders no FOR UPDATE (one writer at a time); there the
+        # conditional UPDATE below decides.
         row = session.execute(
             select(Job.id, Job.attempts, Job.lease_owner)
             .where(_claimable(now))
             .order_by(Job.created_at, Job.id)
             .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if row is None:
             session.commit()

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.config import Settings
 from qgate.db.models import AuditEntry, Event, Instance, OutboxItem, Result, Series, utcnow
 from qgate.events import record
+from qgate.storage import to_local
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ def _under(path: str, root: Path) -> bool:
     return True
 
 
+def _local(stored: str, root: Path) -> str:
+    """A stored path (relative to storage.root) as this node's absolute path."""
+    return str(to_local(stored, root))
+
+
 def _size(path: str) -> int:
     try:
         return os.stat(path).st_size
@@ -154,12 +160,15 @@ def _originals(session: Session, settings: Settings, now: dt.datetime) -> list[O
         .order_by(Series.updated_at)
     ).all()
     plans: list[OriginalsPurge] = []
-    spool = settings.spool_dir
+    root, spool = settings.storage.root, settings.spool_dir
     for series in candidates:
         uid = series.series_instance_uid
-        instances = session.execute(
-            select(Instance.path, Instance.size).where(Instance.series_instance_uid == uid)
-        ).all()
+        instances = [
+            (_local(p, root), size)
+            for p, size in session.execute(
+                select(Instance.path, Instance.size).where(Instance.series_instance_uid == uid)
+            )
+        ]
         paths = [p for p, _ in instances if _under(p, spool)]
         if not paths:
             continue
@@ -172,7 +181,7 @@ def _originals(session: Session, settings: Settings, now: dt.datetime) -> list[O
         ).all()
         why: Why | None = None
         if forwards:
-            sent = {str(p) for item_paths, _ in forwards for p in item_paths}
+            sent = {_local(p, root) for item_paths, _ in forwards for p in item_paths}
             last_sent = max((s for _, s in forwards if s is not None), default=None)
             every_file_sent = all(p in sent for p, _ in instances)
             if (
@@ -200,8 +209,9 @@ def _outgoing(session: Session, settings: Settings, now: dt.datetime) -> list[Ou
     if before is None:
         return []
     # A file listed by an item not yet sent (a resubmission, a re-send) stays.
+    root = settings.storage.root
     unsent = {
-        str(p)
+        _local(p, root)
         for item_paths in session.scalars(
             select(OutboxItem.paths).where(OutboxItem.state.in_(UNSENT_STATES))
         )
@@ -220,7 +230,8 @@ def _outgoing(session: Session, settings: Settings, now: dt.datetime) -> list[Ou
     out = settings.outgoing_dir
     plans = []
     for item in items:
-        paths = tuple(str(p) for p in item.paths if _under(str(p), out) and str(p) not in unsent)
+        local = [_local(p, root) for p in item.paths]
+        paths = tuple(p for p in local if _under(p, out) and p not in unsent)
         if len(paths) == len(item.paths):
             plans.append(
                 OutgoingPurge(

@@ -59,6 +59,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.config import RetrainConfig, Settings
+from qgate.db.lock import cluster_lock
 from qgate.db.models import (
     Instance,
     ModelVersion,
@@ -76,6 +77,7 @@ from qgate.registry import (
     register_version,
     sha256_file,
 )
+from qgate.storage import to_local
 
 if TYPE_CHECKING:
     import torch
@@ -169,21 +171,22 @@ def _pick(n: int, k: int) -> np.ndarray:
     return subsample_indices(n, k)
 
 
-def _paths(session: Session, uid: str) -> list[str]:
-    """The series' readable spool files; none once retention purged its originals (the
-    callers skip a series without files)."""
+def _paths(session: Session, uid: str, root: Path) -> list[str]:
+    """The series' readable spool files (stored relative to ``root``, storage.root); none
+    once retention purged its originals (the callers skip a series without files)."""
     purged = session.scalar(
         select(Series.originals_purged_at).where(Series.series_instance_uid == uid)
     )
     if purged is not None:
         return []
-    return list(
-        session.scalars(
+    return [
+        str(to_local(p, root))
+        for p in session.scalars(
             select(Instance.path)
             .where(Instance.series_instance_uid == uid, Instance.skip_reason.is_(None))
             .order_by(Instance.instance_number, Instance.id)
         )
-    )
+    ]
 
 
 def _load(paths: list[str], k: int, *, keep_full: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -508,10 +511,34 @@ def recover_interrupted_runs(
     return marked
 
 
+class RetrainBusy(RuntimeError):
+    """Another process (on this node or another sharing the database) is retraining."""
+
+
+#: The cluster-wide lock (:func:`qgate.db.lock.cluster_lock`) one retraining run holds.
+RETRAIN_LOCK = "retrain"
+
+
 def run_retrain(
     settings: Settings, sessions: sessionmaker[Session], *, trigger: Trigger
 ) -> RetrainOutcome:
-    """Run one retraining (see the module docstring). Never raises: a failure is recorded."""
+    """Run one retraining (see the module docstring), one per cluster at a time.
+
+    Raises
+    ------
+    RetrainBusy
+        Another process sharing the database holds the retraining lock; nothing was run.
+        Any other failure is recorded in the run, not raised.
+    """
+    with cluster_lock(sessions.kw["bind"], RETRAIN_LOCK) as held:
+        if not held:
+            raise RetrainBusy("another qgate process is retraining; this run was skipped")
+        return _run_locked(settings, sessions, trigger=trigger)
+
+
+def _run_locked(
+    settings: Settings, sessions: sessionmaker[Session], *, trigger: Trigger
+) -> RetrainOutcome:
     try:
         recover_interrupted_runs(settings, sessions, found="when a new run started")
     except Exception as exc:  # the new run matters more than the old runs' bookkeeping
@@ -562,9 +589,11 @@ def _run(
                 )
             ).all()
         )
-        paths = {uid: _paths(s, uid) for uid in labels}
+        paths = {uid: _paths(s, uid, settings.storage.root) for uid in labels}
         unlabelled_uids = _unreviewed(s, cfg, set(labels))
-        unlabelled_paths = {uid: _paths(s, uid) for uid in unlabelled_uids}
+        unlabelled_paths = {
+            uid: _paths(s, uid, settings.storage.root) for uid in unlabelled_uids
+        }
     if len(labels) < cfg.min_reviewed:
         raise NotEnoughData(
             f"{len(labels)} reviewed series, need at least retrain.min_reviewed="

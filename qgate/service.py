@@ -1,177 +1,169 @@
-"""``qgate serve``: every stage in one process, each on its own thread.
+"""``qgate serve``: every stage as a child process on this machine, supervised.
 
-receive (pynetdicom SCP) -> assemble (completion poller) -> score (worker threads) ->
-dispatch (outbox sender). Stages talk only through the SQL store, so any of them can move
-to its own process or node later without changing the others.
+receive (SCP + assembly) -> worker (scoring + scheduled housekeeping) -> dispatch, and the
+review app (web). Stages talk only through the SQL store and the storage root, so each
+runs in its own process (``qgate receive``, ``qgate worker``, ``qgate dispatch``,
+``qgate web``), and any of them can run on other machines too.
+
+The supervisor migrates the database, then starts one process per stage with the same
+configuration (the same ``--config`` and environment). A child that exits is started
+again after a backoff (1 s, doubling to 30 s while it keeps failing within a minute of
+its start; a child whose worker slot is restarted requeues the jobs it held). SIGTERM or
+SIGINT stops every child with SIGTERM (each finishes the item in hand) and waits for them;
+one that has not exited after ``STOP_TIMEOUT`` seconds is killed. Should the supervisor
+itself die, the kernel kills its children (``PR_SET_PDEATHSIG``): a crash of the service
+stays one crash, with nothing left bound to its ports.
 """
 
 from __future__ import annotations
 
-import gc
+import ctypes
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
-
-from qgate.assemble import queue_complete_series
 from qgate.config import Settings
-from qgate.db import make_engine, make_session_factory, upgrade
-from qgate.dispatch.dispatcher import Dispatcher
-from qgate.queue import release_owner
-from qgate.receive import start_scp
-from qgate.receive.recover import recover_spool
-from qgate.worker import Worker
+from qgate.db import upgrade
+from qgate.stage import STAGE_NAMES, StageName
 
 log = logging.getLogger(__name__)
 
-
-class Assembler(threading.Thread):
-    """Polls for complete series and queues them."""
-
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        super().__init__(name="assembler", daemon=True)
-        self.settings, self.sessions = settings, sessions
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.settings.series.poll_seconds):
-            try:
-                queue_complete_series(self.sessions, self.settings.series)
-            except Exception:  # keep polling; the database may come back
-                log.exception("assembler poll failed")
+#: Seconds a stopping child gets before it is killed (a scoring job in hand finishes).
+STOP_TIMEOUT = 120.0
+#: Restart backoff: first delay, cap, and how long a child must run to reset it.
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 1.0, 30.0, 60.0
+_PR_SET_PDEATHSIG = 1
 
 
-def _start_web(settings: Settings, sessions: sessionmaker[Session]) -> object | None:
-    """The review app on its thread. A port it cannot bind is logged, not fatal: the
-    DICOM gate in front of the PACS keeps running without its review pages."""
-    from qgate.web import start_web
-
-    try:
-        return start_web(settings, sessions)
-    except OSError as exc:
-        log.error(
-            "review app not started: cannot listen on %s:%d: %s",
-            settings.web.host,
-            settings.web.port,
-            exc,
-        )
-        return None
+def stages_for(settings: Settings) -> tuple[StageName, ...]:
+    """The stages ``qgate serve`` runs: all of them, the review app only when enabled."""
+    return tuple(s for s in STAGE_NAMES if s != "web" or settings.web.enabled)
 
 
-def _start_scheduler(settings: Settings, sessions: sessionmaker[Session]) -> object:
-    """The nightly retraining on ``retrain.cron`` and the retention purge on
-    ``retention.cron``, each when enabled (APScheduler, one run of each at a time)."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-    from apscheduler.triggers.cron import CronTrigger
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl
+            os._exit(1)
 
-    scheduler = BackgroundScheduler(daemon=True)
-    if settings.retrain.enabled:
-        from qgate.retrain import run_retrain
-
-        scheduler.add_job(
-            run_retrain,
-            CronTrigger.from_crontab(settings.retrain.cron),
-            args=(settings, sessions),
-            kwargs={"trigger": "schedule"},
-            id="retrain",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=3600,
-        )
-        log.info("retraining scheduled on %r", settings.retrain.cron)
-    if settings.retention.enabled:
-        from qgate.retention import run_purge
-
-        scheduler.add_job(
-            run_purge,
-            CronTrigger.from_crontab(settings.retention.cron),
-            args=(settings, sessions),
-            id="purge",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=3600,
-        )
-        log.info("retention purge scheduled on %r", settings.retention.cron)
-    scheduler.start()
-    return scheduler
+    return preexec
 
 
 @dataclass
-class Service:
+class Child:
+    """One supervised stage process."""
+
+    stage: StageName
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    delay: float = BACKOFF_FIRST
+    due_at: float = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent(os.getpid()))
+        self.started_at = time.monotonic()
+        log.info("stage %s started (pid %d)", self.stage, self.proc.pid)
+
+
+@dataclass
+class Supervisor:
+    """Runs ``stages`` as ``qgate <stage>`` children until :meth:`run`'s event is set.
+
+    ``cli_args`` go before the stage name of every child (``--config PATH``, ``-v``), so
+    each reads the configuration the supervisor read; the environment is inherited.
+    """
+
     settings: Settings
-    engine: Engine | None = None
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _scp: object | None = None
-    _web: object | None = None
-    _scheduler: object | None = None
+    cli_args: Sequence[str] = ()
+    stages: Sequence[StageName] | None = None
+    children: list[Child] = field(default_factory=list)
+
+    def _argv(self, stage: StageName) -> list[str]:
+        return [sys.executable, "-m", "qgate.cli", *self.cli_args, stage]
 
     def start(self) -> None:
         s = self.settings
-        if s.archive.tls.enabled:
-            # Fail at start, not at the first send, on a missing or mismatched file. The
-            # SCP's context is built (and checked) when it starts below.
-            from qgate.tls import client_context
-
-            client_context(s.archive.tls)
         s.spool_dir.mkdir(parents=True, exist_ok=True)
         s.outgoing_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(s.database.url)
-        self.engine = make_engine(s.database.url, echo=s.database.echo)
-        sessions = make_session_factory(self.engine)
-        owners = [f"{s.node_name}/worker-{i}" for i in range(s.queue.workers)]
-        with sessions() as session:
-            for owner in owners:
-                n = release_owner(session, owner)
-                if n:
-                    log.info("requeued %d job(s) left running by %s", n, owner)
-        self._threads = [
-            Assembler(s, sessions),
-            *(Worker(s, sessions, owner=o) for o in owners),
-            Dispatcher(s, sessions, owner=f"{s.node_name}/dispatch"),
-        ]
-        for t in self._threads:
-            t.start()
-        recover_spool(s, sessions)
-        from qgate.retrain import recover_interrupted_runs
-
-        # Retraining runs left "running" by a process that died are marked failed.
-        recover_interrupted_runs(s, sessions, found="at service start")
-        self._scp = start_scp(s, sessions)
-        if s.web.enabled:
-            self._web = _start_web(s, sessions)
-        if s.retrain.enabled or s.retention.enabled:
-            self._scheduler = _start_scheduler(s, sessions)
-        # Everything loaded so far lives as long as the process. Freezing it keeps the
-        # cyclic GC's full collections from rescanning it (~200k objects with torch,
-        # SQLAlchemy and pydicom loaded: ~50 ms per full collection on the dev VM, a
-        # pause a sender would wait through).
-        gc.freeze()
+        upgrade(s.database.url, storage_root=s.storage.root)
+        stages = self.stages if self.stages is not None else stages_for(s)
+        self.children = [Child(stage, self._argv(stage)) for stage in stages]
+        for child in self.children:
+            child.start()
         log.info(
-            "qgate serving %s on %s:%d (mode %s, database %s)",
+            "qgate serving %s on %s:%d (mode %s): %s",
             s.dicom.ae_title,
             s.dicom.host,
             s.dicom.port,
             s.gate.mode,
-            self.engine.url.render_as_string(hide_password=True),
+            ", ".join(f"{c.stage} (pid {c.pid})" for c in self.children),
         )
 
+    def poll(self) -> None:
+        """Restart the children that exited, each after its backoff."""
+        now = time.monotonic()
+        for child in self.children:
+            proc = child.proc
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:  # it just exited: schedule its restart
+                ran = now - child.started_at
+                child.delay = BACKOFF_FIRST if ran >= BACKOFF_RESET else child.delay
+                child.due_at = now + child.delay
+                log.error(
+                    "stage %s (pid %d) exited with %s after %.0f s; restarting in %.0f s",
+                    child.stage,
+                    proc.pid,
+                    proc.returncode,
+                    ran,
+                    child.delay,
+                )
+                child.delay = min(child.delay * 2, BACKOFF_MAX)
+                child.proc = None
+            if now >= child.due_at:
+                child.restarts += 1
+                child.start()
+
     def stop(self) -> None:
-        if self._scheduler is not None:
-            # A run in progress is not waited for; the next start marks it interrupted.
-            self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
-        if self._web is not None:
-            self._web.stop()  # type: ignore[attr-defined]
-        if self._scp is not None:
-            self._scp.shutdown()  # type: ignore[attr-defined]
-        for t in self._threads:
-            t.stop()  # type: ignore[attr-defined]
-        for t in self._threads:
-            t.join(timeout=60)
-        if self.engine is not None:
-            self.engine.dispose()
+        """SIGTERM every child, wait for them, kill what is left after STOP_TIMEOUT."""
+        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("pid %d did not stop in %.0f s: killed", proc.pid, STOP_TIMEOUT)
+                proc.kill()
+                proc.wait()
         log.info("qgate stopped")
+
+    def run(self, stop: threading.Event, *, interval: float = 0.5) -> None:
+        """Start, supervise until ``stop`` is set, then stop."""
+        self.start()
+        try:
+            while not stop.wait(interval):
+                self.poll()
+        finally:
+            self.stop()
+
+
+def config_args(config_path: Path | None, *, verbose: bool) -> list[str]:
+    """The options a child needs to read the configuration its supervisor read."""
+    args = ["--config", str(Path(config_path).absolute())] if config_path is not None else []
+    return [*args, "-v"] if verbose else args

@@ -55,5 +55,5 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 @pytest.fixture
 def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings.database.url)
-    yield make_session_factory(engine)
+    yield make_session_factory(engine, node=settings.node_name)
     engine.dispose()

@@ -51,6 +51,7 @@ from qgate.receive.handlers import (
     AssociationTracker,
 )
 from qgate.spool import spool_path, write_atomic
+from qgate.storage import to_local
 from qgate.synth import make_ct_series, write_series
 from qgate.uids import clean_uid, is_valid_uid
 from tests.support.dicomfiles import (
@@ -296,9 +297,12 @@ def test_series_via_storescu(
     with sessions() as s:
         inst = s.scalars(select(Instance).order_by(Instance.instance_number)).all()
     assert [i.instance_number for i in inst] == [1, 2, 3, 4, 5]
-    assert all(Path(i.path).is_absolute() and Path(i.path).is_file() for i in inst)
-    assert inst[0].size == Path(inst[0].path).stat().st_size
-    got = dcmread(inst[0].path)
+    # Stored relative to storage.root, so that every node resolves it on its own mount.
+    assert [i.path for i in inst] == [f"spool/{uid}/{i.sop_instance_uid}.dcm" for i in inst]
+    assert all(to_local(i.path, settings.storage.root).is_file() for i in inst)
+    first = to_local(inst[0].path, settings.storage.root)
+    assert inst[0].size == first.stat().st_size
+    got = dcmread(first)
     assert got.SOPInstanceUID == datasets[0].SOPInstanceUID
     assert np.array_equal(got.pixel_array, datasets[0].pixel_array)
     # storescu has released: the hint is down again, after the last instance.
@@ -353,7 +357,7 @@ def test_every_accepted_transfer_syntax_round_trips(
     for row in rows:
         ts, original = sent[row.instance_number]
         assert row.transfer_syntax_uid == ts, ts.name
-        got = dcmread(row.path)
+        got = dcmread(to_local(row.path, settings.storage.root))
         assert got.file_meta.TransferSyntaxUID == ts
         hu = apply_modality_lut(got.pixel_array, got).astype(np.float64)
         want = apply_modality_lut(original.pixel_array, original).astype(np.float64)
@@ -381,7 +385,7 @@ def test_enhanced_ct_multiframe_with_fsync(
     with sessions() as s:
         inst = s.scalars(select(Instance)).one()
     assert inst.sop_class_uid == EnhancedCTImageStorage
-    assert dcmread(inst.path).pixel_array.shape == (3, 32, 32)
+    assert dcmread(to_local(inst.path, settings.storage.root)).pixel_array.shape == (3, 32, 32)
 
 
 def test_duplicate_is_idempotent_and_keeps_first_copy(
@@ -632,10 +636,16 @@ def test_spool_file_without_a_row_is_recovered_at_startup(settings, sessions) ->
         write_atomic(path, buf.getvalue(), fsync=False)
     stale_tmp = path.parent / f".{path.name}.123-456.tmp"
     stale_tmp.write_bytes(b"partial")
+    stale = __import__("time").time() - 3600  # older than TMP_STALE on a shared store
+    os.utime(stale_tmp, (stale, stale))
+    fresh_tmp = path.parent / f".{path.name}.789-012.tmp"  # a write in progress
+    fresh_tmp.write_bytes(b"partial")
 
     assert recover_spool(settings, sessions) == 2
     assert recover_spool(settings, sessions) == 0  # idempotent
     assert not stale_tmp.exists()
+    # SQLite is one node's database: nothing else writes to its spool at start-up.
+    assert fresh_tmp.exists() is settings.database.url.startswith("postgresql")
     row = _row(sessions, ds[0].SeriesInstanceUID)
     assert row.instance_count == 2 and row.status == "receiving"
 

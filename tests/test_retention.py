@@ -19,6 +19,7 @@ from qgate.config import ArchiveConfig, GateConfig, RetentionConfig, ScoringConf
 from qgate.db.models import Event, Instance, OutboxItem, Series, utcnow
 from qgate.dispatch.dispatcher import run_once
 from qgate.retention import run_purge
+from qgate.storage import to_local
 from tests.conftest import free_port
 from tests.support.storescp import storescp
 from tests.support.web import score_pending, spool_series
@@ -43,18 +44,20 @@ def _scored(settings: Settings, sessions: sessionmaker[Session], **kw: object) -
     return uid
 
 
-def _spool_files(sessions: sessionmaker[Session], uid: str) -> list[Path]:
+def _spool_files(settings: Settings, sessions: sessionmaker[Session], uid: str) -> list[Path]:
     with sessions() as s:
         q = select(Instance.path).where(Instance.series_instance_uid == uid)
-        return [Path(p) for p in s.scalars(q)]
+        return [to_local(p, settings.storage.root) for p in s.scalars(q)]
 
 
-def _outgoing_files(sessions: sessionmaker[Session], uid: str) -> list[Path]:
+def _outgoing_files(
+    settings: Settings, sessions: sessionmaker[Session], uid: str
+) -> list[Path]:
     with sessions() as s:
         q = select(OutboxItem.paths).where(
             OutboxItem.series_instance_uid == uid, OutboxItem.kind == "results"
         )
-        return [Path(p) for paths in s.scalars(q) for p in paths]
+        return [to_local(p, settings.storage.root) for paths in s.scalars(q) for p in paths]
 
 
 def _exist(paths: list[Path]) -> list[bool]:
@@ -72,7 +75,7 @@ def test_only_delivered_originals_and_sent_results_are_purged(
         delivered = _scored(forward, sessions, seed=1, patient_id="P1")
         assert run_once(forward, sessions, owner="test/dispatch") == 2  # results + originals
         received = len(list(archive.iterdir()))
-    assert received == 3 + len(_outgoing_files(sessions, delivered))
+    assert received == 3 + len(_outgoing_files(settings, sessions, delivered))
 
     unsent = _scored(forward, sessions, seed=2, patient_id="P2")  # never dispatched
     held = _scored(gate, sessions, seed=3, patient_id="P3", noise_hu=80.0)  # flagged: held
@@ -80,10 +83,10 @@ def test_only_delivered_originals_and_sent_results_are_purged(
     with sessions() as s:
         held_row = s.get(Series, held)
         assert held_row is not None and held_row.held
-    keep = {u: _spool_files(sessions, u) for u in (unsent, held, unscored)}
-    keep_out = _outgoing_files(sessions, unsent)
-    gone = _spool_files(sessions, delivered)
-    gone_out = _outgoing_files(sessions, delivered)
+    keep = {u: _spool_files(settings, sessions, u) for u in (unsent, held, unscored)}
+    keep_out = _outgoing_files(settings, sessions, unsent)
+    gone = _spool_files(settings, sessions, delivered)
+    gone_out = _outgoing_files(settings, sessions, delivered)
     assert all(_exist(gone + gone_out))
 
     # Too young at the default age of a day: nothing goes.
@@ -115,7 +118,7 @@ def test_only_delivered_originals_and_sent_results_are_purged(
         ).all()
         assert sorted(events) == ["originals_purged", "outgoing_purged"]
         # The instance rows stay: the record of what was received.
-        assert len(_spool_files(sessions, delivered)) == 3
+        assert len(_spool_files(settings, sessions, delivered)) == 3
 
     again = run_purge(forward, sessions)
     assert (again.originals_series, again.outgoing_items) == (0, 0)
@@ -126,7 +129,7 @@ def test_observe_mode_purges_scored_originals_by_age_only(
 ) -> None:
     observe = _settings(settings, "observe", free_port(), scored_originals_days=0)
     uid = _scored(observe, sessions, seed=5)
-    files = _spool_files(sessions, uid)
+    files = _spool_files(settings, sessions, uid)
     # In forward mode the same series is unsent: the observe-mode age does not apply.
     forward = observe.model_copy(update={"gate": GateConfig(mode="forward")})
     assert run_purge(forward, sessions).originals_series == 0

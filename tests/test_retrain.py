@@ -22,8 +22,8 @@ from qgate.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConf
 from qgate.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
 from qgate.registry import activate, active_weights, sha256_file
 from qgate.retrain import _load, _paths, decide, reviewed_labels, run_retrain, split_groups
+from qgate.score.worker import Worker
 from qgate.web import create_app
-from qgate.worker import Worker
 from tests.support.web import add_user, login, scored_series, spool_series
 
 
@@ -233,7 +233,7 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
         serving = active_weights(s)["chestiqa"]
         labels = reviewed_labels(s)
         held = {
-            uid: _load(_paths(s, uid), 3, keep_full=True)[1]
+            uid: _load(_paths(s, uid, settings.storage.root), 3, keep_full=True)[1]
             for uid in out["data"]["held_out_series"]
         }
     chest_should_serve = out["promoted"] and cand["mae"] <= cur["mae"]

@@ -28,9 +28,9 @@ from qgate.cli import main
 from qgate.config import GateConfig, Settings, WebConfig, load_settings
 from qgate.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict, utcnow
 from qgate.results import result_object
-from qgate.service import Service
 from qgate.web import create_app, start_web
 from qgate.web.security import SECRET_FILE, load_secret_key, local_path
+from qgate.web.stage import WebStage
 from tests.conftest import free_port
 from tests.support.web import PASSWORD, add_user, csrf_from, login, scored_series, spool_series
 
@@ -486,11 +486,11 @@ def test_user_add_reads_the_password_from_stdin(
         assert c.get("/api/me").json()["username"] == "dr.cli"
 
 
-def test_qgate_serve_runs_the_web_app_and_stops_it(
+def test_the_web_stage_runs_the_web_app_and_stops_it(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
     port = free_port()
-    service = Service(settings.model_copy(update={"web": WebConfig(port=port)}))
+    service = WebStage(settings.model_copy(update={"web": WebConfig(port=port)}))
     service.start()
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)

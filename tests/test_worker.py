@@ -45,11 +45,12 @@ from qgate.pipeline import build_scorers
 from qgate.queue import claim
 from qgate.receive import start_scp
 from qgate.results import list_results
+from qgate.score.worker import process_job, work_once
 from qgate.scoring import ScoreOutput, SeriesVolume, register_scorer
+from qgate.storage import to_local, to_stored
 from qgate.synth import make_ct_series, write_series
 from qgate.web.crud import WorklistRow, list_series
 from qgate.web.schemas import WorklistQuery
-from qgate.worker import process_job, work_once
 from tests.conftest import free_port
 from tests.support.dicomfiles import storescu, undecodable_ct_series
 from tests.support.orthanc import Orthanc, start_orthanc
@@ -158,17 +159,17 @@ def current(sessions: sessionmaker[Session], series_uid: str) -> Result:
         return res
 
 
-def report_objects(result: Result) -> dict[str, set[str]]:
+def report_objects(settings: Settings, result: Result) -> dict[str, set[str]]:
     """What the worker wrote for ``result``: SR and SC series -> SOP Instance UIDs."""
     assert result.sr_path is not None
     out: dict[str, set[str]] = {}
     modalities = set()
-    for p in Path(result.sr_path).parent.glob("*.dcm"):
+    for p in to_local(result.sr_path, settings.storage.root).parent.glob("*.dcm"):
         ds = dcmread(p, stop_before_pixels=True)
         out.setdefault(ds.SeriesInstanceUID, set()).add(ds.SOPInstanceUID)
         modalities.add(ds.Modality)
     # The SR series, the quality-map SC series and, with the n2q scorer, the parametric map.
-    has_pm = (Path(result.sr_path).parent / "pm.dcm").exists()
+    has_pm = (to_local(result.sr_path, settings.storage.root).parent / "pm.dcm").exists()
     assert "SR" in modalities and len(out) == 2 + has_pm
     assert {len(v) for v in out.values()} == {1, result.slices_scored}
     return out
@@ -257,7 +258,7 @@ def spool_rows(
                     sop_class_uid=CTImageStorage,
                     series_instance_uid=series_uid,
                     transfer_syntax_uid=ExplicitVRLittleEndian,
-                    path=str(path.absolute()),
+                    path=to_stored(path, settings.storage.root),
                     size=len(data),
                     instance_number=k + 1,
                     received_at=now,
@@ -314,12 +315,12 @@ def test_observe_sends_results_only_and_forward_adds_the_originals(
     # observe: the SR and the SC series reach the archive, the CT does not.
     res_a = current(sessions, a_uid)
     assert (res_a.decision, res_a.generation, res_a.slices_scored) == ("pass", 0, 3)
-    assert archived(archive, observed[0].StudyInstanceUID) == report_objects(res_a)
+    assert archived(archive, observed[0].StudyInstanceUID) == report_objects(settings, res_a)
     assert archive.sop_instance_uids(a_uid) == set()
     # forward: the same, plus every original instance.
     res_b = current(sessions, b_uid)
     assert archived(archive, forwarded[0].StudyInstanceUID) == {
-        **report_objects(res_b),
+        **report_objects(settings, res_b),
         b_uid: {d.SOPInstanceUID for d in forwarded},
     }
     assert [series_row(sessions, u).held for u in (a_uid, b_uid)] == [False, False]
@@ -357,7 +358,7 @@ def test_gate_forwards_passing_holds_flagged_until_released(
     assert archive.sop_instance_uids(clean_uid) == clean_ct  # passed: forwarded
     assert archive.sop_instance_uids(noisy_uid) == set()  # flagged: held back
     noisy_study = archived(archive, noisy[0].StudyInstanceUID)
-    assert noisy_study == report_objects(current(sessions, noisy_uid))  # its results went
+    assert noisy_study == report_objects(settings, current(sessions, noisy_uid))  # its results went
 
     # The operator releases it from the command line.
     qgate = cli(gate, tmp_path / "cli")
@@ -403,7 +404,7 @@ def test_late_instance_reopens_rescores_and_supersedes(
     deliver(cfg, sessions)
     first = current(sessions, uid)
     assert (first.generation, first.slices_scored) == (0, 3)
-    first_objects = report_objects(first)
+    first_objects = report_objects(settings, first)
 
     arrive(settings, files[3:])  # a late instance
     row = series_row(sessions, uid)
@@ -422,7 +423,7 @@ def test_late_instance_reopens_rescores_and_supersedes(
 
     # The new SR says which SR it replaces.
     assert second.sr_path is not None and second.sr_sop_instance_uid != first.sr_sop_instance_uid
-    sr = dcmread(second.sr_path)
+    sr = dcmread(to_local(second.sr_path, settings.storage.root))
     [pred] = sr.PredecessorDocumentsSequence
     assert pred.StudyInstanceUID == study_uid
     [pred_series] = pred.ReferencedSeriesSequence
@@ -436,7 +437,7 @@ def test_late_instance_reopens_rescores_and_supersedes(
         for i in se.ReferencedSOPSequence
     } == {d.SOPInstanceUID for d in datasets}
     # Both generations' reports are in the archive; the originals are not (observe).
-    assert archived(archive, study_uid) == {**first_objects, **report_objects(second)}
+    assert archived(archive, study_uid) == {**first_objects, **report_objects(settings, second)}
 
     # `qgate results --series UID --json` shows the new result.
     out = invoke(cli(cfg, tmp_path / "cli"), "results", "--series", uid, "--json")
@@ -582,10 +583,10 @@ def forward_sends(sessions: sessionmaker[Session], uid: str) -> int:
         return len(s.scalars(q).all())
 
 
-def sr_skips(result: Result) -> tuple[str, list[str]]:
+def sr_skips(settings: Settings, result: Result) -> tuple[str, list[str]]:
     """(Completion Flag, the SR's "Part of quality report skipped" TEXT items)."""
     assert result.sr_path is not None
-    sr = dcmread(result.sr_path)
+    sr = dcmread(to_local(result.sr_path, settings.storage.root))
 
     def walk(ds: Dataset) -> Iterator[Dataset]:
         for item in ds.get("ContentSequence", []):
@@ -736,12 +737,12 @@ def test_failing_scorer_is_skipped_and_the_series_still_goes_out(
     assert skipped_parts(res) == [skipped]
     assert set(res.scores) == {"noise", "snr"} and res.decision == "flag"
     assert f"{BOOM}: output score missing (scorer did not run)" in res.reasons
-    assert sr_skips(res) == ("PARTIAL", [skipped.describe()])
+    assert sr_skips(settings, res) == ("PARTIAL", [skipped.describe()])
     assert events_of(sessions, uid, "score")[-2:] == ["part_skipped", "scored"]
     assert uid in worklist(sessions)  # flagged: on the default worklist
 
     deliver(cfg, sessions)
-    reports = report_objects(res)
+    reports = report_objects(settings, res)
     if mode == "forward":
         assert archived(archive, datasets[0].StudyInstanceUID) == {**reports, uid: originals}
     else:  # flagged in gate mode: held, and released from the command line
@@ -779,27 +780,28 @@ def test_small_matrix_and_missing_frame_of_reference_still_get_an_sr(
 
     for uid in [*uids.values(), tiny_uid]:
         res = current(sessions, uid)
-        flag, texts = sr_skips(res)
+        flag, texts = sr_skips(settings, res)
         parts = skipped_parts(res)
         assert texts == [p.describe() for p in parts]  # the SR says what was skipped
         assert flag == ("PARTIAL" if parts else "COMPLETE")
         # Valid, but for what it copies from a source that lacks it (the CQ500 file's
         # PatientIdentityRemoved without DeidentificationMethod).
         source = next((f for f, u in uids.items() if u == uid), tiny[0])
-        assert set(dciodvfy_errors(Path(res.sr_path or ""))) <= set(dciodvfy_errors(source))
+        sr_file = to_local(res.sr_path or "", settings.storage.root)
+        assert set(dciodvfy_errors(sr_file)) <= set(dciodvfy_errors(source))
 
     # No Frame of Reference: no Parametric Map, said so; the SC series still goes.
     res = current(sessions, uids[no_for])
     assert [(p.kind, p.name, p.reason) for p in skipped_parts(res)] == [
         (PartKind.OUTPUT, "parametric_map", SkipReason.NO_FRAME_OF_REFERENCE)
     ]
-    folder = Path(res.sr_path or "").parent
+    folder = to_local(res.sr_path or "", settings.storage.root).parent
     assert sorted(p.name for p in folder.iterdir()) == ["sc00000.dcm", "sr.dcm"]
     assert set(res.scores) == {"noise", "snr", "mdiqa", "n2q", "chestiqa"}
     # 128 x 128: every scorer and every object.
     res = current(sessions, uids[small])
     assert skipped_parts(res) == []
-    assert (Path(res.sr_path or "").parent / "pm.dcm").exists()
+    assert (to_local(res.sr_path or "", settings.storage.root).parent / "pm.dcm").exists()
     # 16 x 16: Noise2Quality skipped with the model's own error; the others still count.
     res = current(sessions, tiny_uid)
     [part] = skipped_parts(res)

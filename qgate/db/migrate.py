@@ -13,6 +13,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 MIGRATIONS_PACKAGE = "migrations"
 
@@ -50,14 +52,41 @@ def migrations_dir() -> Path:
     return path
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, *, storage_root: Path | None = None) -> Config:
+    """Alembic's configuration for ``url``; ``storage_root`` lets migration 0006 make the
+    stored paths relative to it."""
     cfg = Config()
+    if storage_root is not None:
+        cfg.attributes["storage_root"] = str(storage_root)
     cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolation would eat a literal '%' in a password.
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+def upgrade(url: str, revision: str = "head", *, storage_root: Path | None = None) -> None:
+    """Bring the database at ``url`` up to ``revision``. Pass the node's ``storage_root``
+    so that paths recorded before migration 0006 are made relative to it."""
+    command.upgrade(alembic_config(url, storage_root=storage_root), revision)
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """Why the database behind ``engine`` cannot be used by this qgate, or None."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    where = engine.url.render_as_string(hide_password=True)
+    head = ScriptDirectory(str(migrations_dir())).get_current_head()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        return f"cannot open the database {where}: {exc}"
+    if current == head:
+        return None
+    if current is None:
+        return f"the database {where} has no qgate schema; run `qgate db upgrade` first"
+    return (
+        f"the database {where} is at migration {current}, this qgate needs {head}; "
+        "run `qgate db upgrade`"
+    )

@@ -190,6 +190,8 @@ class Event(Base):
     stage: Mapped[str] = mapped_column(String(16))
     event: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+    # The node_name of the process that wrote it (None: a row from before migration 0006).
+    node: Mapped[str | None] = mapped_column(String(128))
 
 
 # -- review web app (qgate/web) ---------------------------------------------------------------

@@ -39,5 +39,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, node: str | None = None) -> sessionmaker[Session]:
+    """Sessions on ``engine``. ``node`` (the settings' ``node_name``) goes into every
+    session's ``info``, and from there into each event row it writes."""
+    return sessionmaker(engine, expire_on_commit=False, info={"node": node})

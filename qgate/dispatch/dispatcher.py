@@ -29,6 +29,7 @@ from qgate.dispatch.outbox import (
     renew,
 )
 from qgate.dispatch.scu import SendResult, send_files
+from qgate.storage import to_local
 from qgate.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _send(
 
     tls = settings.archive.tls
     return send_files(
-        item.paths,
+        [to_local(p, settings.storage.root) for p in item.paths],
         destination_of(item),
         calling_aet=settings.archive.calling_ae_title,
         timeout=settings.archive.timeout,

@@ -15,10 +15,11 @@ together with whatever produced the files (the transactional-outbox pattern). Ev
 function commits its own change. Each state change writes its Event row (stage
 ``dispatch``) in the same transaction as the change.
 
-Claims are a conditional ``UPDATE ... WHERE id = ? AND <still claimable>`` whose rowcount
-says whether this dispatcher won. That is atomic on SQLite (one writer at a time) and on
-PostgreSQL (a concurrent updater re-checks the WHERE clause after the winner commits), so
-any number of dispatchers may share one database.
+Claims select the most overdue row ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (dispatchers
+on several nodes pass over each other's rows) and then run a conditional ``UPDATE ...
+WHERE id = ? AND <still claimable>`` whose rowcount says whether this dispatcher won; on
+SQLite (one writer at a time) the conditional UPDATE alone decides. Any number of
+dispatchers may share one database.
 """
 
 from __future__ import annotations
@@ -163,17 +164,24 @@ def claim_due(
     dead-lettered here rather than handed out again.
     """
     due_by = due_by or now
+    # PostgreSQL keeps the selected row locked (FOR UPDATE SKIP LOCKED) until the claim
+    # commits, so concurrent dispatchers pass over each other's rows; SQLite renders no
+    # FOR UPDATE and relies on the conditional UPDATE below.
+    locking = session.get_bind().dialect.name == "postgresql"
     while True:
         row = session.execute(
             select(OutboxItem.id, OutboxItem.state, OutboxItem.attempts)
             .where(_claimable(due_by, now))
             .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
             .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
-        # End the read before writing: a SQLite reader that later writes can hit
-        # SQLITE_BUSY_SNAPSHOT without waiting; a fresh write transaction waits its turn.
-        session.commit()
+        if not locking:
+            # End the read before writing: a SQLite reader that later writes can hit
+            # SQLITE_BUSY_SNAPSHOT without waiting; a fresh write transaction waits its turn.
+            session.commit()
         if row is None:
+            session.commit()
             return None
         item_id, state, attempts = row
         if state == "sending" and max_attempts is not None and attempts >= max_attempts:

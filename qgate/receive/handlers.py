@@ -81,6 +81,7 @@ from qgate.config import DicomConfig, Settings
 from qgate.db.models import Event, Instance, Series, utcnow
 from qgate.receive.part10 import file_header
 from qgate.spool import discard, publish, spool_path, write_temp
+from qgate.storage import to_stored
 from qgate.uids import clean_uid
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class ReceiveContext:
 
     @cached_property
     def spool_root(self) -> Path:
-        """Absolute spool root: ``instances.path`` is stored absolute."""
+        """Absolute spool root (``instances.path`` is stored relative to storage.root)."""
         return self.settings.spool_dir.absolute()
 
     @cached_property
@@ -508,13 +509,16 @@ class StoreOutcome:
     generation: int | None = None
 
 
-def _event(series_uid: str, event: str, detail: str | None, now: dt.datetime) -> dict[str, Any]:
+def _event(
+    series_uid: str, event: str, detail: str | None, now: dt.datetime, node: str | None
+) -> dict[str, Any]:
     return {
         "at": now,
         "series_instance_uid": series_uid,
         "stage": STAGE,
         "event": event,
         "detail": detail,
+        "node": node,
     }
 
 
@@ -525,11 +529,13 @@ def record_instance(
     transfer_syntax: str,
     calling_aet: str,
     path: Path,
+    storage_root: Path,
     tmp: Path,
     size: int,
     new_for_association: bool,
     fsync: bool,
     now: dt.datetime,
+    node: str | None,
     fsync_directory: bool = False,
     drop_cache: bool = False,
 ) -> StoreOutcome:
@@ -540,7 +546,9 @@ def record_instance(
     series that had left ``receiving`` (``generation += 1``), appends the events and only
     then renames ``tmp`` to ``path``, still inside the transaction: a file under its final
     name always belongs to the transaction that inserted its row. A duplicate SOP Instance
-    UID rolls everything back and is recorded as a ``duplicate`` event instead.
+    UID rolls everything back and is recorded as a ``duplicate`` event instead. The row
+    keeps ``path`` relative to ``storage_root`` (:mod:`qgate.storage`); the events name
+    ``node``.
 
     Concurrent senders of one series serialise on the series row (PostgreSQL row lock,
     SQLite's single writer); ``ON CONFLICT`` makes the first instance's insert race-free.
@@ -582,7 +590,7 @@ def record_instance(
                     "sop_class_uid": header.sop_class_uid,
                     "series_instance_uid": uid,
                     "transfer_syntax_uid": transfer_syntax,
-                    "path": str(path),
+                    "path": to_stored(path, storage_root),
                     "size": size,
                     "calling_aet": calling_aet,
                     "instance_number": header.instance_number,
@@ -594,21 +602,21 @@ def record_instance(
                 raise _Duplicate
             # The instance row is the per-instance record; the trail gets the series'
             # first instance, not every one (an extra insert on the hot path).
-            events = [_event(uid, EV_RECEIVED, "first instance", now)] if count == 1 else []
+            events = [_event(uid, EV_RECEIVED, "first instance", now, node)] if count == 1 else []
             generation = None
             if status != "receiving":  # the upsert leaves status alone: re-open here
                 generation = session.execute(
                     sql.reopen_series, {"uid": uid, "now": now}
                 ).scalar_one_or_none()
                 if generation is not None:
-                    events.append(_event(uid, EV_REOPENED, f"generation={generation}", now))
+                    events.append(_event(uid, EV_REOPENED, f"generation={generation}", now, node))
             if events:
                 session.execute(sql.insert_events, events)
             publish(tmp, path, fsync=fsync, fsync_directory=fsync_directory, drop_cache=drop_cache)
     except _Duplicate:
         with session.begin():
             session.execute(
-                sql.insert_events, [_event(uid, EV_DUPLICATE, header.sop_instance_uid, now)]
+                sql.insert_events, [_event(uid, EV_DUPLICATE, header.sop_instance_uid, now, node)]
             )
         return StoreOutcome(duplicate=True)
     return StoreOutcome(duplicate=False, reopened=generation is not None, generation=generation)
@@ -698,6 +706,7 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
                 transfer_syntax=str(transfer_syntax),
                 calling_aet=calling_aet,
                 path=path,
+                storage_root=ctx.settings.storage.root,
                 tmp=tmp,
                 size=size,
                 new_for_association=new_for_assoc,
@@ -705,6 +714,7 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
                 fsync_directory=ctx.settings.storage.fsync_directory,
                 drop_cache=ctx.settings.storage.drop_page_cache,
                 now=utcnow(),
+                node=ctx.settings.node_name,
             )
     except (SQLAlchemyError, OSError) as exc:
         _log(ctx, logging.ERROR, OUT_OF_RESOURCES, event, f"not recorded ({type(exc).__name__})")
@@ -741,7 +751,9 @@ def close_series(ctx: ReceiveContext, series: set[str], kind: str) -> None:
         with ctx.sessions() as session, session.begin():
             sql = _sql(session)
             session.execute(sql.close_series, {"uids": sorted(series), "now": now})
-            session.execute(sql.insert_events, [_event(u, kind, None, now) for u in sorted(series)])
+            node = ctx.settings.node_name
+            events = [_event(u, kind, None, now, node) for u in sorted(series)]
+            session.execute(sql.insert_events, events)
     except SQLAlchemyError as exc:
         # Only a hint: a stale count means the full stable_seconds applies.
         ctx.logger.error(

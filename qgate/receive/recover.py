@@ -5,16 +5,20 @@ and its row is committed. With SQLite in ``synchronous=NORMAL`` a power loss can
 drop the last commits, so the fsynced file is the source of truth: at start-up, spool
 files newer than the newest recorded instance (minus a margin) that have no row are
 recorded again, and temporary files left by an interrupted write are removed (they were
-never acknowledged). A file without a row that does not read as a complete CT instance
-(a crash between the rename and the fsync; never acknowledged either) is moved to
-``<storage.root>/quarantine/`` rather than deleted.
+never acknowledged; with PostgreSQL, whose nodes share the spool, only those older than
+``TMP_STALE``, as a younger one may be another node's write in progress). A file without
+a row that does not read as a complete CT instance (a crash between the rename and the
+fsync; never acknowledged either) is moved to ``<storage.root>/quarantine/`` rather than
+deleted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 from pydicom.uid import UID
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 #: Folder under ``storage.root`` for spool files that cannot be recovered.
 QUARANTINE = "quarantine"
 
+#: With a shared (PostgreSQL) store, temporary files older than this are left-overs.
+TMP_STALE = dt.timedelta(minutes=10)
+
 #: Files this much older than the newest recorded instance are assumed recorded.
 MARGIN = dt.timedelta(minutes=10)
 
@@ -49,13 +56,18 @@ def recover_spool(settings: Settings, sessions: sessionmaker[Session]) -> int:
     with sessions() as session:
         newest = session.scalar(select(func.max(Instance.received_at)))
     since = (newest - MARGIN).timestamp() if newest is not None else 0.0
+    # With a shared database the spool is shared too, and a temporary file may be another
+    # node's write in progress: only stale ones are removed there.
+    shared = sessions.kw["bind"].dialect.name != "sqlite"
+    tmp_before = time.time() - TMP_STALE.total_seconds() if shared else math.inf
     recorded = 0
     for series_dir in os.scandir(root):
         if not series_dir.is_dir():
             continue
         for entry in os.scandir(series_dir.path):
             if entry.name.endswith(TMP_SUFFIX):
-                discard(Path(entry.path))
+                if entry.stat().st_mtime < tmp_before:
+                    discard(Path(entry.path))
                 continue
             if not entry.name.endswith(".dcm") or entry.stat().st_mtime < since:
                 continue
@@ -96,10 +108,12 @@ def _record_orphan(settings: Settings, sessions: sessionmaker[Session], path: Pa
             transfer_syntax=str(ts),
             calling_aet="(recovered)",
             path=path,
+            storage_root=settings.storage.root,
             tmp=path,
             size=len(data),
             new_for_association=False,
             fsync=settings.storage.fsync,
             now=utcnow(),
+            node=settings.node_name,
         )
     return not outcome.duplicate

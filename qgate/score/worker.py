@@ -31,6 +31,7 @@ from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_s
 from qgate.queue import OnParked, claim, fail, finish, renew
 from qgate.reporting import WrittenReport, write_report
 from qgate.scoring import Scorer
+from qgate.storage import to_local, to_stored
 from qgate.volume import SeriesLoadError
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ class _Heartbeat:
             t.join()
 
 
-def _instance_paths(session: Session, series_uid: str) -> list[Path]:
+def _instance_paths(session: Session, series_uid: str, root: Path) -> list[Path]:
     rows = session.scalars(
         select(Instance.path)
         .where(Instance.series_instance_uid == series_uid, Instance.skip_reason.is_(None))
         .order_by(Instance.instance_number, Instance.id)
     )
-    return [Path(p) for p in rows]
+    return [to_local(p, root) for p in rows]
 
 
 def _on_parked(settings: Settings) -> OnParked:
@@ -80,7 +81,7 @@ def _on_parked(settings: Settings) -> OnParked:
     return partial(apply_failure_policy, settings=settings)
 
 
-def _start(session: Session, job: Job, owner: str) -> list[Path] | None:
+def _start(session: Session, job: Job, owner: str, root: Path) -> list[Path] | None:
     """Mark the series as scoring; None if this job's generation is already stale."""
     n = session.execute(
         update(Series)
@@ -102,7 +103,7 @@ def _start(session: Session, job: Job, owner: str) -> list[Path] | None:
         detail=f"job {job.id} generation {job.generation}",
     )
     session.commit()
-    return _instance_paths(session, job.series_instance_uid)
+    return _instance_paths(session, job.series_instance_uid, root)
 
 
 def _commit_result(
@@ -113,6 +114,7 @@ def _commit_result(
     scored: ScoredSeries,
     written: WrittenReport,
 ) -> bool:
+    root = settings.storage.root
     series = session.get(Series, job.series_instance_uid, populate_existing=True)
     if series is None or series.generation != job.generation:
         finish(session, job, owner=owner, detail="superseded while scoring")
@@ -133,7 +135,7 @@ def _commit_result(
         slices_scored=scored.loaded.volume.n_slices,
         seconds=round(scored.seconds, 3),
         sr_sop_instance_uid=written.sr_uid,
-        sr_path=str(written.paths[0]),
+        sr_path=to_stored(written.paths[0], root),
         skipped_parts=[p.to_json() for p in written.skipped_parts],
     )
     session.add(result)
@@ -142,7 +144,9 @@ def _commit_result(
         previous.superseded_by = result.id
     for path, reason in scored.loaded.skipped:
         session.execute(
-            update(Instance).where(Instance.path == str(path)).values(skip_reason=reason)
+            update(Instance)
+            .where(Instance.path == to_stored(path, root))
+            .values(skip_reason=reason)
         )
     series.status = "scored"
     series.decision = scored.decision.decision
@@ -151,7 +155,7 @@ def _commit_result(
         session,
         series_uid=series.series_instance_uid,
         kind="results",
-        paths=[str(p) for p in written.paths],
+        paths=[to_stored(p, root) for p in written.paths],
         dest=Destination.from_settings(settings.archive),
     )
     for part in written.skipped_parts:
@@ -213,7 +217,7 @@ def process_job(
     """Run one claimed job to its end. Returns 'scored', 'superseded', 'queued' or 'parked'."""
     uid = job.series_instance_uid
     with sessions() as session:
-        paths = _start(session, job, owner)
+        paths = _start(session, job, owner, settings.storage.root)
     if paths is None:
         return "superseded"
     out_dir = settings.outgoing_dir / uid / f"g{job.generation}-j{job.id}"
@@ -221,7 +225,7 @@ def process_job(
         with _Heartbeat(sessions, job, owner, settings.queue.lease_seconds).running():
             scored = score_series(paths, scorers, settings.gate.thresholds)
             with sessions() as session:
-                prev_sr = _previous_sr(session, uid)
+                prev_sr = _previous_sr(session, uid, settings.storage.root)
                 # Reports so far, not the series generation: a re-score of the same
                 # generation (`qgate rescore`) also supersedes, as report n + 1.
                 reports = session.scalar(
@@ -259,13 +263,13 @@ def process_job(
             )
 
 
-def _previous_sr(session: Session, series_uid: str) -> pydicom.Dataset | None:
-    path = session.scalar(
+def _previous_sr(session: Session, series_uid: str, root: Path) -> pydicom.Dataset | None:
+    stored = session.scalar(
         select(Result.sr_path).where(
             Result.series_instance_uid == series_uid, Result.superseded_by.is_(None)
         )
     )
-    if path and Path(path).exists():
+    if stored and (path := to_local(stored, root)).exists():
         return pydicom.dcmread(path)
     return None
 

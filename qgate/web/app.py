@@ -106,7 +106,9 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     """The review app on ``settings``' database (or on ``sessions``, shared with the
     pipeline in ``qgate serve``)."""
     if sessions is None:
-        sessions = make_session_factory(make_engine(settings.database.url))
+        sessions = make_session_factory(
+            make_engine(settings.database.url), node=settings.node_name
+        )
     app = FastAPI(
         title="qgate review",
         version=__version__,

@@ -20,6 +20,7 @@ import pydicom
 from PIL import Image
 
 from qgate.report.sc import select_slices
+from qgate.storage import to_local
 
 THUMB_HEIGHT = 112
 # Width of the burned-in side panel for an image of ``rows`` rows: qgate.report.render lays
@@ -31,14 +32,16 @@ class MapImageError(LookupError):
     """The map image does not exist or cannot be decoded."""
 
 
-def map_files(sr_path: str | None, outgoing_dir: Path) -> list[Path]:
+def map_files(sr_path: str | None, storage_root: Path) -> list[Path]:
     """The quality-map files of a result, in slice order; [] when there are none.
 
-    ``sr_path`` must lie under ``outgoing_dir`` (a guard against a stray path in SQL).
+    ``sr_path`` is stored relative to ``storage_root`` (:mod:`qgate.storage`) and must lie
+    under its ``outgoing/`` (a guard against a stray path in SQL).
     """
     if not sr_path:
         return []
-    folder = Path(sr_path).parent
+    folder = to_local(sr_path, storage_root).parent
+    outgoing_dir = storage_root / "outgoing"
     try:
         folder.resolve().relative_to(outgoing_dir.resolve())
     except ValueError:

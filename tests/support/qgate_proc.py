@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,19 @@ import yaml
 
 
 class QgateProcess:
-    """``qgate serve --config`` in a subprocess, with its log captured to a file."""
+    """``qgate serve --config`` (or one stage: ``command="worker"`` ...) in a subprocess,
+    with its log captured to a file.
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    ``start`` waits until the process answers C-ECHO (``serve``, ``receive``) or logs that
+    its stage runs (the other stages).
+    """
+
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], *, command: Sequence[str] = ("serve",)
+    ) -> None:
         self.workdir = workdir
+        self.command = list(command)
+        workdir.mkdir(parents=True, exist_ok=True)
         # The review app would bind 8080 by default; tests that want it ask for it.
         config = {"web": {"enabled": False}, **config}
         self.config_path = workdir / "config.yaml"
@@ -46,20 +56,22 @@ class QgateProcess:
         env.pop("QGATE_CONFIG", None)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qgate.cli", "--config", str(self.config_path), "serve"],
+            [sys.executable, "-m", "qgate.cli", "--config", str(self.config_path), *self.command],
             cwd=self.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
         )
+        listens = self.command[0] in ("serve", "receive")
+        ready = f"stage {self.command[0]} running"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"qgate serve exited: {self.log()[-3000:]}")
-            if self.echo():
+                raise RuntimeError(f"qgate {self.command[0]} exited: {self.log()[-3000:]}")
+            if (self.echo() if listens else ready in self.log()):
                 return self
             time.sleep(0.3)
-        raise TimeoutError(f"qgate serve did not answer C-ECHO: {self.log()[-3000:]}")
+        raise TimeoutError(f"qgate {self.command[0]} did not start: {self.log()[-3000:]}")
 
     def echo(self) -> bool:
         r = subprocess.run(

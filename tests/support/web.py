@@ -19,9 +19,9 @@ from qgate.assemble import queue_complete_series
 from qgate.config import Settings
 from qgate.db.models import Instance, Series, utcnow
 from qgate.pipeline import build_scorers
+from qgate.score.worker import work_once
 from qgate.synth import make_ct_series
 from qgate.users import create_user
-from qgate.worker import work_once
 
 PASSWORD = "correct horse battery"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -83,7 +83,7 @@ def get_series(
     except crud.NotFound as exc:
         raise _not_found(exc) from exc
     result = crud.current_result(session, series_uid=series_uid)
-    n_maps = len(map_files(result.sr_path, settings.outgoing_dir)) if result else 0
+    n_maps = len(map_files(result.sr_path, settings.storage.root)) if result else 0
     verdicts = crud.verdicts_of(session, series_uid=series_uid)
     return series_detail(series, result, n_maps, verdicts)
 
@@ -107,7 +107,7 @@ def map_image(
     ``thumb=1`` crops the side panel and scales it down."""
     try:
         result = crud.get_result(session, series_uid=series_uid, result_id=result_id)
-        data = images.png(map_files(result.sr_path, settings.outgoing_dir), index, thumb=thumb)
+        data = images.png(map_files(result.sr_path, settings.storage.root), index, thumb=thumb)
     except (crud.NotFound, MapImageError) as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     # A result's files never change: the browser may keep the image (private: patient data).

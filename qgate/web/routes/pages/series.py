@@ -57,7 +57,7 @@ def series_page(
         )
         is not None
     ]
-    files = map_files(result.sr_path, settings.outgoing_dir) if result else []
+    files = map_files(result.sr_path, settings.storage.root) if result else []
     maps = map_refs(result, len(files)) if result else []
     thumbs = [maps[k] for k in thumbnail_picks(len(maps))]
     return render(
