@@ -7,12 +7,17 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qgate.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from qgate.stage import Stage
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -103,28 +108,33 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.ensure_object(dict)["verbose"] = verbose
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event that SIGTERM and SIGINT set (the stage or supervisor then stops)."""
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGINT set while the block runs (the stage or the
+    supervisor then stops); the previous handlers come back afterwards."""
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
         logging.getLogger("qgate").info("signal %d: stopping", signum)
         done.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    return done
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield done
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _run_stage(make: Any) -> None:
+def _run_stage(make: Callable[[], Stage]) -> None:
     """Run the stage ``make()`` builds until SIGTERM/SIGINT; a clear error if it cannot."""
     from qgate.stage import SchemaNotReady, run_stage
 
-    done = _stop_on_signals()
-    try:
-        run_stage(make(), done)
-    except (SchemaNotReady, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _stop_on_signals() as done:
+        try:
+            run_stage(make(), done)
+        except (SchemaNotReady, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -136,7 +146,8 @@ def serve(ctx: click.Context) -> None:
     state = ctx.find_root().ensure_object(dict)
     settings = _settings(ctx)
     args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))
-    Supervisor(settings, cli_args=args).run(_stop_on_signals())
+    with _stop_on_signals() as done:
+        Supervisor(settings, cli_args=args).run(done)
 
 
 @main.command()

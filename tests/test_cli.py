@@ -166,7 +166,14 @@ def test_db_upgrade_then_empty_results_and_outbox(tmp_path: Path) -> None:
 def test_commands_on_a_database_without_schema_say_so(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "never-migrated.db")
     cfg = write_config(tmp_path / "config.yaml", database={"url": url})
-    for args in (["results", "--json"], ["outbox", "list"], ["jobs", "list"], ["release", "1.2"]):
+    commands = (
+        ["results", "--json"],
+        ["outbox", "list"],
+        ["jobs", "list"],
+        ["release", "1.2"],
+        *([stage] for stage in ("receive", "worker", "dispatch", "web")),  # they never migrate
+    )
+    for args in commands:
         out = qgate("--config", str(cfg), *args)
         assert (out.exit_code, out.stdout) == (1, ""), args
         assert "has no qgate schema; run `qgate db upgrade` first" in out.stderr
