@@ -36,7 +36,7 @@ from qgate.stage import STAGE_NAMES, StageName
 log = logging.getLogger(__name__)
 
 #: Seconds a stopping child gets before it is killed (a scoring job in hand finishes).
-STOP_TIMEOUT = 120.0
+STOP_TIMEOUT = 90.0
 #: Restart backoff: first delay, cap, and how long a child must run to reset it.
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 1.0, 30.0, 60.0
 _PR_SET_PDEATHSIG = 1
