@@ -33,14 +33,16 @@ def _threads(n: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--worker", default="0/1", show_default=True, help="w/n: blocks i % n == w.")
 @click.option("--threads", type=int, default=1, show_default=True)
-def build_randomized_cmd(out: str, blocks: int, seed: int, worker: str, threads: int) -> None:
+@click.option("--realct", default=".cache/realct", show_default=True)
+def build_randomized_cmd(
+    out: str, blocks: int, seed: int, worker: str, threads: int, realct: str
+) -> None:
     """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
     from training.datasets.randomized import RandomizedConfig, build_randomized
 
     _threads(threads)
-    made = build_randomized(
-        out, RandomizedConfig(n_blocks=blocks, seed=seed), worker=_worker(worker), echo=click.echo
-    )
+    cfg = RandomizedConfig(n_blocks=blocks, seed=seed, realct_dir=realct)
+    made = build_randomized(out, cfg, worker=_worker(worker), echo=click.echo)
     click.echo(f"made {made} blocks")
 
 
@@ -49,13 +51,17 @@ def build_randomized_cmd(out: str, blocks: int, seed: int, worker: str, threads:
 @click.option("--blocks", type=int, default=40, show_default=True)
 @click.option("--worker", default="0/1", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
-def build_chest_cmd(out: str, blocks: int, worker: str, threads: int) -> None:
+@click.option("--realct", default=".cache/realct", show_default=True)
+def build_chest_cmd(out: str, blocks: int, worker: str, threads: int, realct: str) -> None:
     """Domain-randomised Chest CT-IQA volumes (resumable)."""
     from training.datasets.chest_dr import ChestDRConfig, build_chest_dr
 
     _threads(threads)
     made = build_chest_dr(
-        out, ChestDRConfig(n_blocks=blocks), worker=_worker(worker), echo=click.echo
+        out,
+        ChestDRConfig(n_blocks=blocks, realct_dir=realct),
+        worker=_worker(worker),
+        echo=click.echo,
     )
     click.echo(f"made {made} blocks")
 
@@ -68,6 +74,8 @@ def build_chest_cmd(out: str, blocks: int, worker: str, threads: int) -> None:
 @click.option("--budget", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--init", default=None, help="Weights to start from (default: shipped).")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--dose-only", is_flag=True, help="N2Q: train the dose head alone.")
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -76,11 +84,21 @@ def fit_randomized_cmd(
     budget: float | None,
     threads: int,
     init: str | None,
+    lr: float,
+    dose_only: bool,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
 
-    cfg = DRFitConfig(family, steps=steps, time_budget_s=budget, threads=threads, init=init)
+    cfg = DRFitConfig(
+        family,
+        steps=steps,
+        time_budget_s=budget,
+        threads=threads,
+        init=init,
+        lr=lr,
+        dose_only=dose_only,
+    )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 
 

@@ -459,8 +459,11 @@ CHEST_DOSES = {"high": 1.0, "low": 0.25}
 
 
 def routine_i0(pixel_mm: float, views: int) -> float:
-    """Photons per ray of a routine-dose 180-degree parallel scan (see ROUTINE_FLUENCE)."""
-    return 2.0 * ROUTINE_FLUENCE * pixel_mm * (math.pi / views)
+    """Photons per ray of a routine-dose 180-degree parallel scan (see ROUTINE_FLUENCE and
+    ``training.datasets.randomized.ROUTINE_EFF``, the routine share of that budget)."""
+    from training.datasets.randomized import ROUTINE_EFF
+
+    return ROUTINE_EFF * 2.0 * ROUTINE_FLUENCE * pixel_mm * (math.pi / views)
 
 
 def chest_volumes(

@@ -51,6 +51,16 @@ class NoiseBasis:
     views_step: int
     kernel: str
 
+    def to(self, device: torch.device | str) -> NoiseBasis:
+        """The same basis on ``device`` (e.g. CUDA-built, labelled on the CPU)."""
+        return NoiseBasis(
+            self.clean.to(device),
+            self.quantum.to(device),
+            self.electronic.to(device),
+            self.views_step,
+            self.kernel,
+        )
+
     def at(self, dose: float) -> torch.Tensor:
         """The reconstruction at dose fraction ``dose`` (HU, (B, N, N))."""
         if not 0 < dose <= 1.5:

@@ -9,7 +9,9 @@ with **both** kernel classes and at **two** doses from one noise realisation:
   ``lung`` = a sharp one (Shepp-Logan, ramp): read from the noise texture;
 * dose class: ``high`` = effective dose (dose x tube output) 0.6-1.6 of routine, ``low`` =
   0.12-0.35 (the quarter-dose scans of the issue), so the class is the noise relative to
-  what that kernel and patient give at routine dose.
+  what that kernel and patient give at routine dose; routine is
+  :data:`~training.datasets.randomized.ROUTINE_EFF` of the simulator's photon budget
+  (calibrated to the noise of real training scans).
 
 What is stored is the model input itself (:func:`qgate.models.preprocess.prepare_chest_input`
 with the config given, computed on the native 512 reconstruction), the class labels, the
@@ -38,8 +40,10 @@ from training.ct.fastsim import noise_basis, noise_sinograms
 from training.datasets.randomized import (
     GEOMETRIES,
     OBJECT_MM,
+    ROUTINE_EFF,
     RandomizedConfig,
     Source,
+    _cache_bytes,
     clean_object,
     load_train_sources,
 )
@@ -58,6 +62,7 @@ class ChestDRConfig:
     n_blocks: int = 60
     depth: int = 6
     seed: int = 1
+    # fractions of routine dose (ROUTINE_EFF of the simulator's photon budget)
     high: tuple[float, float] = (0.6, 1.6)
     low: tuple[float, float] = (0.12, 0.35)
     output_range: tuple[float, float] = (0.5, 1.6)
@@ -66,6 +71,7 @@ class ChestDRConfig:
     p_chest: float = 0.75  # among real sources: a chest source (else any training source)
     val_fraction: float = 0.15
     brisque_slices: int = 2
+    realct_dir: str = ".cache/realct"
 
 
 def _lung_fraction(sl: np.ndarray) -> float:
@@ -131,11 +137,11 @@ def build_block(
     params = base.with_(i0=base.i0 * out_f)
     sim = sims.get(geo)
     if sim is None:
-        sim = sims[geo] = LowDoseSimulator(params, device="cpu", cache_bytes=1 << 30)
+        sim = sims[geo] = LowDoseSimulator(params, cache_bytes=_cache_bytes())
     sim.params = params
     px = float(rng.choice(cfg.pixels_mm))
-    d_high = float(np.exp(rng.uniform(*np.log(cfg.high)))) / out_f
-    d_low = float(np.exp(rng.uniform(*np.log(cfg.low)))) / out_f
+    d_high = ROUTINE_EFF * float(np.exp(rng.uniform(*np.log(cfg.high)))) / out_f
+    d_low = ROUTINE_EFF * float(np.exp(rng.uniform(*np.log(cfg.low)))) / out_f
     kernels = {0: str(rng.choice(SOFT_KERNELS)), 1: str(rng.choice(LUNG_KERNELS))}
     gen = sim.generator(int(rng.integers(2**31)))
     hu = torch.from_numpy(objects)
@@ -178,7 +184,7 @@ def build_block(
             cols["snr"].append(snr_label(v.numpy(), body_mask(v.numpy())))
             cols["brisque"].append(bq)
             cols["quality"].append(float(sm.numpy()[body].mean()))
-            cols["eff_dose"].append(d * out_f)
+            cols["eff_dose"].append(d * out_f / ROUTINE_EFF)  # fraction of routine
             cols["noise_hu"].append(float((v - ref).numpy()[soft].std()) if soft.any() else 0.0)
     out = {k: np.asarray(v) for k, v in cols.items()}
     meta = {
@@ -205,7 +211,7 @@ def build_chest_dr(
     (root / "config.json").write_text(
         json.dumps({**asdict(cfg), "input": asdict(CHEST_INPUT)}, indent=2)
     )
-    sources = load_train_sources(RandomizedConfig())
+    sources = load_train_sources(RandomizedConfig(realct_dir=cfg.realct_dir))
     sims: dict[str, LowDoseSimulator] = {}
     t0, made = time.time(), 0
     w, n = worker
