@@ -225,18 +225,16 @@ class Threshold(BaseModel):
 #:
 #: The learned models (``mdiqa``, ``n2q``, ``chestiqa``) have no default limit: a
 #: ``Threshold`` on any of their outputs works, but none ships on. Evaluation behind that
-#: choice (training/reports/REPORT.md): MD-IQA and Noise2Quality rank the held-out
-#: simulated split better than the noise sigma (SROCC 0.91 / 0.92 against 0.70 / 0.75)
-#: and fall strictly along every dose and view ladder, but they were trained on 1.4 mm
-#: (256 px) reconstructions, and at the service's 0.7 mm the same dose is ~2.8x noisier
-#: per pixel, so their absolute values shift with pixel size. Observed on 512 px ladders:
-#: ``mdiqa.score`` ~3.7 at full dose, 3.2-3.4 at 25 %, 2.2-2.5 at 10 %, 1.7-2.9 with a
-#: quarter of the views; ``n2q.mean_quality`` 0.96-0.98, 0.89-0.94, 0.75-0.85, 0.79-0.87.
-#: So ``{scorer: mdiqa, output: score, min: 3.0}`` would flag 10 % dose and quarter-view
-#: series at 0.7 mm and pass 25 % dose; set such limits per site from reviewed series
-#: (or after retraining on 512 px data), not from these numbers. Chest CT-IQA's
-#: ``dose_class`` is at chance and its paper-fit ``score`` rises with noise: never gate on
-#: them as shipped.
+#: choice (issue 10, training/reports/REPORT.md, held-out real CT through an independent
+#: simulator): MD-IQA and Noise2Quality rank true SSIM better than the noise sigma
+#: (Spearman 0.88 / 0.87 routine, 0.90 / 0.78 sharp kernel, against 0.76 / 0.61), but an
+#: SSIM-like output ranks a routine sharp-kernel series (n2q.mean_quality 0.66-0.81,
+#: mdiqa.score 2.98-3.56) below a 5 %-dose smooth one (0.69-0.87, 3.17-3.50), and neither
+#: dose class separates kernels, so no limit passes the first and flags the second.
+#: ``{scorer: n2q, output: mean_quality, min: 0.65}`` passes every routine series there,
+#: flags 8/8 at 5 % dose with a sharp kernel and 7/8 at 1/16 views, 0/8 at 5 % dose with
+#: a smooth kernel (config.yaml shows it). The classical noise limit stays the default
+#: for low dose with soft-tissue kernels; it also flags sharp kernels (see above).
 DEFAULT_THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(
         scorer="noise",

@@ -23,8 +23,9 @@ def test_noise_matches_full_simulator(kernel: str) -> None:
     n, px = 128, 2.8
     sim = LowDoseSimulator(ScanParams.binned(4, kernel=kernel), device="cpu")
     hu = _ellipse(n, px)
-    bases = ladder(sim, hu, px, doses=(1.0, 0.25, 0.05), views_steps=(1, 4),
-                   generator=sim.generator(0))
+    bases = ladder(
+        sim, hu, px, doses=(1.0, 0.25, 0.05), views_steps=(1, 4), generator=sim.generator(0)
+    )
     line = sim.project(hu, px)
     clean = sim.reconstruct(line, px, n)
     # the noiseless part is the same reconstruction
@@ -41,3 +42,22 @@ def test_noise_matches_full_simulator(kernel: str) -> None:
     assert s[0] < s[1] < s[2]
     assert s[1] / s[0] == pytest.approx(2.0, rel=0.1)
     assert float((bases[4].at(1.0) - clean)[:, c, c].std()) > s[0]
+
+
+def test_grid_crops_cover_the_slice() -> None:
+    from qgate.models.mdiqa import grid_centers
+
+    c = grid_centers((512, 512), 128, 3)
+    assert c.shape == (9, 2)
+    assert float(c.min()) == 64.0 and float(c.max()) == 448.0  # flush with both borders
+    assert grid_centers((128, 128), 128, 3).shape == (1, 2)
+    assert grid_centers((256, 512), 128, 3).shape == (6, 2)
+
+
+def test_dose_classes_are_fractions_of_routine() -> None:
+    from training.datasets.randomized import ROUTINE_EFF
+    from training.fit.randomized import DOSE_LEVELS, dose_class
+
+    eff = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.05, 4.0]) * ROUTINE_EFF
+    got = [DOSE_LEVELS[i] for i in dose_class(eff).tolist()]
+    assert got == [100, 50, 25, 10, 5, 100]

@@ -129,12 +129,18 @@ def fit_chest_cmd(
     help="mdiqa/n2q/chestiqa.safetensors (default: the shipped weights).",
 )
 @click.option("--chest/--no-chest", default=True, show_default=True)
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Also the default gate's cases (routine sharp, 5 % dose, 1/16 views).",
+)
 @click.option("--threads", type=int, default=2, show_default=True)
 def evaluate_independent_cmd(
-    out: str, realct: str, weights_dir: str | None, chest: bool, threads: int
+    out: str, realct: str, weights_dir: str | None, chest: bool, gate: bool, threads: int
 ) -> None:
     """Score held-out real CT through the independent (scikit-image) simulator."""
-    from training.independent import run_chest, run_independent
+    from training.independent import run_chest, run_gate_cases, run_independent
 
     _threads(threads)
     res = run_independent(out, realct=realct, weights_dir=weights_dir, echo=click.echo)
@@ -143,6 +149,8 @@ def evaluate_independent_cmd(
             f"{name}: "
             + ", ".join(f"{m} Spearman {c['spearman']:.3f}" for m, c in rep["correlations"].items())
         )
+    if gate:
+        run_gate_cases(out, realct=realct, weights_dir=weights_dir, echo=click.echo)
     if chest:
         w = Path(weights_dir) / "chestiqa.safetensors" if weights_dir else None
         ch = run_chest(out, realct=realct, weights=w, echo=click.echo)
