@@ -1,16 +1,21 @@
-"""``/api/me``, ``/api/users`` (admin: list, add, disable/enable, reset password, unlock)
-and ``/api/audit`` (admin). Every change is audited in its transaction."""
+"""``/api/me``, ``/api/users`` (admin: list, add, disable/enable, reset password, unlock),
+``/api/audit`` (admin) and ``/api/models/{version}/activate`` (admin: serve or roll back to
+a model version, as ``qgate models activate``). Every change is audited in its transaction."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from qgate.db.models import User
+from qgate.db.models import ModelVersion, User
+from qgate.registry import RegistryError, activate, active_weights
 from qgate.users import (
     UserError,
     create_user,
@@ -20,7 +25,7 @@ from qgate.users import (
     unlock_user,
 )
 from qgate.web import crud
-from qgate.web.deps import AdminUser, CurrentUser, SessionDep
+from qgate.web.deps import AdminUser, CurrentUser, SessionDep, client_addr
 from qgate.web.schemas import AuditEntryPublic, AuditPage, Me, UserCreate, UserPublic
 from qgate.web.security import csrf_token
 
@@ -131,4 +136,56 @@ def audit_log(
         page=page,
         per_page=per_page,
         pages=max(1, math.ceil(total / per_page)),
+    )
+
+
+class ModelActivated(BaseModel):
+    model: str
+    version: str
+    previous: str = Field(description="the version served before")
+    activated_at: dt.datetime | None
+
+
+def activate_model(
+    session: Session, *, user: User, version: str, remote_addr: str | None
+) -> tuple[ModelVersion, str]:
+    """Serve ``version`` from the next scoring job on (:func:`qgate.registry.activate`, the
+    checksum verified), audited as ``model_activate`` in the same transaction; commits.
+    Returns the row and the version served before. :class:`crud.NotFound` for an unknown
+    version, :class:`RegistryError` for weights that are missing or do not match."""
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise crud.NotFound(f"no such model version: {version}")
+    previous = active_weights(session)[row.model].version
+    crud.audit(
+        session,
+        user=user,
+        action="model_activate",
+        detail={"model": row.model, "version": version, "previous": previous},
+        remote_addr=remote_addr,
+    )
+    try:
+        return activate(session, version), previous  # commits the audit row with it
+    except RegistryError:
+        session.rollback()
+        raise
+
+
+@router.post("/models/{version}/activate", response_model=ModelActivated)
+def activate_model_version(
+    version: str, request: Request, session: SessionDep, user: AdminUser
+) -> ModelActivated:
+    """Serve ``version`` of its model from the next scoring job on; an older version rolls
+    back (audited). Admins only. 404 for an unknown version, 409 when its weights are
+    missing or do not match their checksum."""
+    try:
+        row, previous = activate_model(
+            session, user=user, version=version, remote_addr=client_addr(request)
+        )
+    except crud.NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return ModelActivated(
+        model=row.model, version=row.version, previous=previous, activated_at=row.activated_at
     )

@@ -1,23 +1,27 @@
 """Training runs: the nightly retraining's runs (qgate.retrain) with both models' metrics
 and plots (each run's held-out metrics over time, candidate against current, and each
-run's fine-tuning loss curve), and what each model kind serves now (qgate.registry)."""
+run's fine-tuning loss curve), what each model kind serves now and every registered version
+(qgate.registry); an admin activates (rolls back to) a version here, audited."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, status
+from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from starlette.responses import Response
 
 from qgate.db.models import TrainingRun
-from qgate.registry import active_weights
+from qgate.registry import RegistryError, active_weights, list_versions
 from qgate.report.render import format_value
 from qgate.retrain import CHEST_PROMOTED
-from qgate.web.deps import CurrentUser, SessionDep, SettingsDep
+from qgate.web import crud
+from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr
 from qgate.web.plots import LineChart, LineData, line_chart
-from qgate.web.templating import render
+from qgate.web.routes.api.users import activate_model
+from qgate.web.templating import flash, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -102,5 +106,22 @@ def training_runs(
         charts=comparison_charts(runs),
         losses={r.id: loss_chart(r) for r in runs},
         serving={m: a.version for m, a in active_weights(session).items()},
+        versions=list_versions(session),
         cron=settings.retrain.cron if settings.retrain.enabled else None,
     )
+
+
+@router.post("/training/models/{version}/activate")
+def activate_version(
+    request: Request, session: SessionDep, user: AdminUser, version: str
+) -> Response:
+    """Serve ``version`` from the next scoring job on (audited). Admins only."""
+    try:
+        row, previous = activate_model(
+            session, user=user, version=version, remote_addr=client_addr(request)
+        )
+    except (crud.NotFound, RegistryError) as exc:
+        flash(request, "error", f"Not activated: {exc}")
+    else:
+        flash(request, "ok", f"{row.model}: now serving {row.version} (was {previous}).")
+    return RedirectResponse("/training", status.HTTP_303_SEE_OTHER)
