@@ -44,9 +44,9 @@ def _settings(settings: Settings, *, margin: float, scorers: list[str]) -> Setti
                 min_reviewed=2,
                 held_out_fraction=0.34,
                 slices_per_series=3,
-                epochs=4,
+                epochs=8,
                 batch_size=9,
-                learning_rate=2e-3,
+                learning_rate=5e-4,
                 refit_chestiqa=False,
             ),
         }

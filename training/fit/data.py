@@ -122,7 +122,7 @@ def _preprocess_files(paths: list[Path], data_cfg: MDIQADataConfig) -> _Prepared
     from training.anatomy.ldctiqa import read_image
 
     s, c = data_cfg.img_size, data_cfg.in_chans
-    native = data_cfg.crop_mode == "native"
+    native = data_cfg.crop_mode != "resize"  # "native" or "grid": crops at the native grid
     xs, crops, chans, centres, spreads = [], [], [], [], []
     for p in paths:
         # HU (clipped to the challenge's [-1000, 400] by the file format), then the model's
