@@ -319,7 +319,8 @@ def test_eval_ldctiqa_on_a_synthetic_layout_folder(tiny: dict[str, Path], tmp_pa
 # ---------------------------------------------------------------------- shipped weights
 @pytest.mark.skipif(not (WEIGHTS / "mdiqa.safetensors").exists(), reason="weights not shipped")
 def test_shipped_weights_load_match_their_cards_and_fit_the_budget() -> None:
-    from qgate.models import ChestIQANet, N2QNet, create_model, load_mdiqa
+    from qgate.models import ChestIQANet, N2QNet, load_mdiqa
+    from qgate.scoring.learned import load_model
     from training.fit.export import read_metadata, sha256
 
     files = {"mdiqa": "mdiqa", "n2q": "n2q", "chestiqa": "chestiqa"}
@@ -330,7 +331,9 @@ def test_shipped_weights_load_match_their_cards_and_fit_the_budget() -> None:
         card = (WEIGHTS / f"MODEL_CARD-{stem}.md").read_text()
         assert sha256(path) in card, f"{stem}: checksum in the card is stale"
         meta = read_metadata(path)
-        model = create_model(meta["qgate_model"], weights=path)
+        assert meta["qgate_model"].startswith(stem)
+        # rebuilt as the service does: entry point plus the stored config overrides
+        model = load_model(stem, path)  # type: ignore[arg-type]
         assert isinstance(model, (N2QNet, ChestIQANet)) or stem == "mdiqa"
     assert total < 60e6
     md = load_mdiqa(WEIGHTS / "mdiqa.safetensors")
