@@ -24,7 +24,6 @@ the noiseless same-kernel reconstruction. Blocks as in the randomised builder
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from training.datasets.randomized import (
     _cache_bytes,
     clean_object,
     load_train_sources,
+    write_blocks,
 )
 
 SOFT_KERNELS = ("smooth", "standard", "hamming")
@@ -213,22 +213,15 @@ def build_chest_dr(
     )
     sources = load_train_sources(RandomizedConfig(realct_dir=cfg.realct_dir))
     sims: dict[str, LowDoseSimulator] = {}
-    t0, made = time.time(), 0
-    w, n = worker
-    for i in range(cfg.n_blocks):
-        path = root / "blocks" / f"{i:05d}.npz"
-        if i % n != w or path.exists():
-            continue
-        data = build_block(i, cfg, sources, sims)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **data)
-        tmp.rename(path)
-        made += 1
-        echo(
-            f"chest block {i}: {time.time() - t0:.0f} s, noise "
-            f"{np.round(data['noise_hu'], 1).tolist()}"
-        )
-    return made
+    return write_blocks(
+        root,
+        cfg.n_blocks,
+        worker,
+        lambda i: build_block(i, cfg, sources, sims),
+        lambda i, data, secs: echo(
+            f"chest block {i}: {secs:.0f} s, noise {np.round(data['noise_hu'], 1).tolist()}"
+        ),
+    )
 
 
 def load_chest_blocks(roots: Sequence[str | Path], split: str) -> dict[str, torch.Tensor]:

@@ -389,21 +389,37 @@ def build_randomized(
     sources = load_train_sources(cfg)
     echo(f"{len(sources)} train sources: {', '.join(s.name for s in sources)}")
     sims: dict[str, LowDoseSimulator] = {}
-    made = 0
-    t0 = time.time()
+    return write_blocks(
+        root,
+        cfg.n_blocks,
+        worker,
+        lambda i: build_block(i, cfg, sources, sims),
+        lambda i, data, secs: echo(f"block {i}: {len(data['hu'])} crops, {secs:.0f} s"),
+    )
+
+
+def write_blocks(
+    root: Path,
+    n_blocks: int,
+    worker: tuple[int, int],
+    make: Callable[[int], dict[str, np.ndarray]],
+    done: Callable[[int, dict[str, np.ndarray], float], None],
+) -> int:
+    """Make the blocks ``i < n_blocks`` with ``i % n == w`` (``worker=(w, n)``) that are not on
+    disk yet, each written under a temporary name and renamed (a stopped build resumes).
+    Returns how many were made."""
+    t0, made = time.time(), 0
     w, n = worker
-    for i in range(cfg.n_blocks):
-        if i % n != w:
-            continue
+    for i in range(n_blocks):
         path = root / "blocks" / f"{i:05d}.npz"
-        if path.exists():
+        if i % n != w or path.exists():
             continue
-        data = build_block(i, cfg, sources, sims)
+        data = make(i)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **data)
         tmp.rename(path)
         made += 1
-        echo(f"block {i}: {len(data['hu'])} crops, {time.time() - t0:.0f} s")
+        done(i, data, time.time() - t0)
     return made
 
 
