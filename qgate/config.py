@@ -26,6 +26,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from qgate.core.families import FAMILIES, FAMILY_NAMES, family
+
 _AE_MAX = 16
 
 #: Names qgate's data folder: the default ``storage.root`` and the folder of the default
@@ -304,7 +306,8 @@ class SliceScorerConfig(LearnedScorerConfig):
 
 
 class ScoringConfig(BaseModel):
-    scorers: list[str] = Field(default_factory=lambda: ["noise", "snr", "mdiqa", "n2q", "chestiqa"])
+    # The physics scorers, then every learned family (qgate.core.families).
+    scorers: list[str] = Field(default_factory=lambda: ["noise", "snr", *FAMILY_NAMES])
     # Where the learned scorers run: "auto" takes CUDA when available.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch CPU threads for the learned scorers; unset: torch's default (one per core).
@@ -312,6 +315,19 @@ class ScoringConfig(BaseModel):
     mdiqa: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
     n2q: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
     chestiqa: LearnedScorerConfig = Field(default_factory=LearnedScorerConfig)
+
+    def learned(self, name: str) -> LearnedScorerConfig:
+        """The settings of the learned family ``name`` (``scoring.<name>``)."""
+        family(name)  # KeyError for a name that is no family
+        config: LearnedScorerConfig = getattr(self, name)
+        return config
+
+
+# One settings field per family, of the kind the family reads (per slice or whole series).
+for _f in FAMILIES:
+    _kind = SliceScorerConfig if _f.per_slice else LearnedScorerConfig
+    if ScoringConfig.model_fields[_f.name].annotation is not _kind:
+        raise RuntimeError(f"ScoringConfig.{_f.name} must be a {_kind.__name__}")
 
 
 class WebConfig(BaseModel):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qgate.config import Settings, Threshold
+from qgate.core.families import FAMILY_NAMES
 from qgate.decide import Decision, decide
 from qgate.degrade import PartKind, SkippedPart, SkipReason
 from qgate.scoring import ScoreOutput, Scorer, create_scorer
@@ -25,7 +26,7 @@ from qgate.volume import LoadedSeries, load_series
 log = logging.getLogger(__name__)
 
 #: The learned scorers (qgate.scoring.learned), configured by ``scoring.<name>``.
-LEARNED_SCORERS = ("mdiqa", "n2q", "chestiqa")
+LEARNED_SCORERS = FAMILY_NAMES
 
 
 @dataclass
@@ -53,7 +54,7 @@ def build_scorers(settings: Settings) -> list[Scorer]:
     if any(name in LEARNED_SCORERS for name in cfg.scorers):
         set_torch_threads(cfg.torch_threads)
     return [
-        create_scorer(name, config=getattr(cfg, name), device=cfg.device)
+        create_scorer(name, config=cfg.learned(name), device=cfg.device)
         if name in LEARNED_SCORERS
         else create_scorer(name)
         for name in cfg.scorers

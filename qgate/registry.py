@@ -17,11 +17,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from qgate.core.families import FAMILIES, FAMILY_NAMES, family, is_family
 from qgate.db.models import ModelVersion, utcnow
 from qgate.events import record
-
-MODEL_KINDS = ("mdiqa", "n2q", "chestiqa")
-SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 class RegistryError(Exception):
@@ -44,7 +42,7 @@ def sha256_file(path: Path) -> str:
 
 
 def shipped_path(model: str) -> Path:
-    return SHIPPED_DIR / f"{model}.safetensors"
+    return family(model).shipped_weights
 
 
 def register_version(
@@ -58,8 +56,8 @@ def register_version(
     now: dt.datetime | None = None,
 ) -> ModelVersion:
     """Record a new (inactive) version of ``model`` stored at ``path``. Does not commit."""
-    if model not in MODEL_KINDS:
-        raise RegistryError(f"unknown model kind {model!r}; expected one of {MODEL_KINDS}")
+    if not is_family(model):
+        raise RegistryError(f"unknown model kind {model!r}; expected one of {FAMILY_NAMES}")
     if not path.is_file():
         raise RegistryError(f"weights file not found: {path}")
     now = now or utcnow()
@@ -109,7 +107,7 @@ def activate(session: Session, version: str) -> ModelVersion:
 
 def active_weights(session: Session) -> dict[str, ActiveWeights]:
     """The weights each model kind should serve now: the active version, else shipped."""
-    out = {m: ActiveWeights(m, f"{m}-shipped", shipped_path(m)) for m in MODEL_KINDS}
+    out = {f.name: ActiveWeights(f.name, f.shipped_version, f.shipped_weights) for f in FAMILIES}
     for row in session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))):
         out[row.model] = ActiveWeights(row.model, row.version, Path(row.path))
     return out

@@ -89,6 +89,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from qgate.config import LearnedScorerConfig, SliceScorerConfig
+from qgate.core.families import SHIPPED_WEIGHTS_DIR, Family, ModelFamily
+from qgate.core.families import family as family_of
 from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
 from qgate.scoring.body import block_mean, body_mask, mask_scale
 
@@ -111,28 +113,21 @@ __all__ = [
     "subsample_indices",
 ]
 
-#: Where the trained weights ship: ``qgate/weights/{mdiqa,n2q,chestiqa}.safetensors``.
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: Where the trained weights ship (:data:`qgate.core.families.SHIPPED_WEIGHTS_DIR`).
+DEFAULT_WEIGHTS_DIR = SHIPPED_WEIGHTS_DIR
 _VERSION = "1.0.0"
 _QUALITY_DISPLAY = (0.0, 1.0)
 
 DeviceName = Literal["auto", "cpu", "cuda"]
-Family = Literal["mdiqa", "n2q", "chestiqa"]
-
-_TRAIN_HINT = {
-    "mdiqa": "mdiqa",
-    "n2q": "n2q",
-    "chestiqa": "chest",
-}
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """A learned scorer's weights file does not exist."""
 
 
-def default_weights_path(family: str) -> Path:
-    """The shipped weights of a scorer: ``qgate/weights/<family>.safetensors``."""
-    return DEFAULT_WEIGHTS_DIR / f"{family}.safetensors"
+def default_weights_path(name: str) -> Path:
+    """The shipped weights of a family: ``qgate/weights/<name>.safetensors``."""
+    return family_of(name).shipped_weights
 
 
 def subsample_indices(n_slices: int, max_slices: int | None) -> np.ndarray:
@@ -224,13 +219,14 @@ def load_model(
     from qgate.models import list_models, load_mdiqa
 
     path = Path(path)
+    fam: ModelFamily = family_of(family)
     if not path.is_file():
         raise WeightsNotFoundError(
             f"{family} weights not found at {path}: train them "
-            f"(`qgate-train fit --model {_TRAIN_HINT[family]}`) or set "
+            f"(`qgate-train fit --model {fam.train_task}`) or set "
             f"scoring.{family}.weights; qgate does not score with untrained weights"
         )
-    family_models = list_models(f"{family}_")
+    family_models = list_models(fam.entry_prefix)
     if variant is not None and variant not in family_models:
         raise ValueError(
             f"scoring.{family}.variant {variant!r} is not a {family} model; "

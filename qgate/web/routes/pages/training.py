@@ -13,6 +13,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from starlette.responses import Response
 
+from qgate.core.families import ModelFamily, retrained
 from qgate.db.models import TrainingRun
 from qgate.registry import RegistryError, active_weights, list_versions
 from qgate.report.render import format_value
@@ -28,11 +29,22 @@ router = APIRouter(include_in_schema=False)
 #: Metrics shown per model, in this order, when present.
 METRICS = ("n", "overall", "plcc", "srocc", "krocc", "mae")
 
-#: The comparison plots: title and where the value sits in a side's metrics.
-COMPARISONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("MD-IQA held-out Overall = |PLCC| + |SROCC| + |KROCC| (higher is better)", ("overall",)),
-    ("MD-IQA held-out MAE, scores 0-4 (lower is better)", ("mae",)),
-    ("Chest CT-IQA quality fit held-out MAE, scores 1-10 (lower is better)", ("chestiqa", "mae")),
+_TUNED, _REFIT = retrained("fine_tune"), retrained("refit_quality")
+
+#: The comparison plots: the family, the title and where the value sits in a side's
+#: metrics (the fine-tuned family's at the top, the refit family's under its name).
+COMPARISONS: tuple[tuple[ModelFamily, str, tuple[str, ...]], ...] = (
+    (
+        _TUNED,
+        f"{_TUNED.title} held-out Overall = |PLCC| + |SROCC| + |KROCC| (higher is better)",
+        ("overall",),
+    ),
+    (_TUNED, f"{_TUNED.title} held-out MAE, scores 0-4 (lower is better)", ("mae",)),
+    (
+        _REFIT,
+        f"{_REFIT.title} quality fit held-out MAE, scores 1-10 (lower is better)",
+        (_REFIT.name, "mae"),
+    ),
 )
 SIDES = (("candidate", "line-candidate"), ("current", "line-current"))
 LOSSES = (("sup", "supervised", "line-sup"), ("pseudo", "pseudo-label", "line-pseudo"))
@@ -46,9 +58,9 @@ def _value(metrics: Any, path: Sequence[str]) -> float | None:
     return float(metrics) if isinstance(metrics, int | float) else None
 
 
-def _promoted(run: TrainingRun, path: Sequence[str]) -> bool:
+def _promoted(run: TrainingRun, family: ModelFamily) -> bool:
     """Whether the run promoted that model (the chest refit goes along only when not worse)."""
-    if path[0] == "chestiqa":
+    if family.retrain == "refit_quality":
         return run.promoted and CHEST_PROMOTED in (run.reason or "")
     return run.promoted
 
@@ -58,14 +70,14 @@ def comparison_charts(runs: Sequence[TrainingRun]) -> list[LineChart]:
     done = sorted((r for r in runs if r.metrics.get("candidate")), key=lambda r: r.id)
     labels = [(float(i), f"#{r.id}") for i, r in enumerate(done)]
     charts = []
-    for title, path in COMPARISONS:
+    for family, title, path in COMPARISONS:
         lines: list[LineData] = []
         for side, css in SIDES:
             points = []
             for i, r in enumerate(done):
                 v = _value(r.metrics.get(side), path)
                 tip = f"run {r.id}, {side}: {format_value(v) if v is not None else 'n/a'}"
-                points.append((float(i), v, tip, side == "candidate" and _promoted(r, path)))
+                points.append((float(i), v, tip, side == "candidate" and _promoted(r, family)))
             lines.append((side, css, points))
         chart = line_chart(title, lines, x_labels=labels)
         if chart is not None:

@@ -1,0 +1,1 @@
+"""Parts every stage shares (the one table of model families; see ``families``)."""
