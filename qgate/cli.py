@@ -151,13 +151,32 @@ def serve(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--listen-fd", type=int, hidden=True, help="(listener process) inherited socket")
+@click.option("--slots", type=click.Path(path_type=Path), hidden=True)
+@click.option("--parent", type=int, hidden=True)
+@click.option("--listener", type=int, hidden=True, help="(listener process) its number")
 @click.pass_context
-def receive(ctx: click.Context) -> None:
-    """Run the receive stage: the DICOM SCP and series assembly."""
-    from qgate.receive.stage import ReceiveStage
+def receive(
+    ctx: click.Context,
+    listen_fd: int | None,
+    slots: Path | None,
+    parent: int | None,
+    listener: int | None,
+) -> None:
+    """Run the receive stage: the DICOM SCP (dicom.receivers processes) and series assembly."""
+    from qgate.receive.listener import receive_argv
+    from qgate.receive.stage import ReceiveListener, ReceiveStage
+    from qgate.service import config_args
 
     settings = _settings(ctx)
-    _run_stage(lambda: ReceiveStage(settings))
+    if listen_fd is not None:  # started by the receive stage (qgate/receive/listener.py)
+        if slots is None or parent is None:
+            raise click.UsageError("--listen-fd needs --slots and --parent")
+        _run_stage(lambda: ReceiveListener(settings, fd=listen_fd, slots=slots, parent=parent))
+        return
+    state = ctx.find_root().ensure_object(dict)
+    args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))
+    _run_stage(lambda: ReceiveStage(settings, receive_argv=receive_argv(args)))
 
 
 @main.command()

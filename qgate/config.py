@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -117,6 +117,12 @@ class AllowedPeer(BaseModel):
         return value
 
 
+#: pynetdicom internals the receive path can replace (qgate.receive.reactor.INTERNALS and
+#: ``file_header``, qgate.receive.part10).
+ReceiveInternal = Literal["reactor", "dul", "recv", "store_response", "file_header"]
+RECEIVE_INTERNALS: tuple[ReceiveInternal, ...] = get_args(ReceiveInternal)
+
+
 class DicomConfig(BaseModel):
     ae_title: AETitle = "QGATE"
     host: str = "0.0.0.0"
@@ -128,8 +134,16 @@ class DicomConfig(BaseModel):
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     # Refuse associations whose called AE title is not ae_title (A-ASSOCIATE-RJ).
     require_called_aet: bool = True
-    # Associations served at once; more are refused (transient, local limit exceeded).
+    # Associations served at once on this node, all receiver processes together; more are
+    # refused (transient, local limit exceeded).
     maximum_associations: int = Field(10, ge=1)
+    # Receiver processes sharing the listening socket (qgate/receive/listener.py): each
+    # association is served by one of them, so parallel associations use several cores.
+    receivers: int = Field(1, ge=1, le=64)
+    # pynetdicom internals the receive path replaces for speed (qgate/receive/reactor.py,
+    # storersp.py, part10.py); benchmarks/receive.py --without NAME measures each. Not a
+    # tuning knob: leave the default.
+    internals: list[ReceiveInternal] = Field(default_factory=lambda: list(RECEIVE_INTERNALS))
     tls: TLSConfig = Field(default_factory=TLSConfig)
     # Seconds an idle association may stay open before pynetdicom aborts it.
     network_timeout: float = 60.0

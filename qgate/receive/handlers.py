@@ -88,6 +88,8 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.events import Event as PynetdicomEvent
 
+    from qgate.receive.listener import AssociationSlots
+
 LOGGER = logging.getLogger("qgate.receive")
 
 STAGE = "receive"
@@ -184,6 +186,15 @@ class ReceiveContext:
     sessions: sessionmaker[Session]
     logger: logging.Logger = LOGGER
     tracker: AssociationTracker = field(default_factory=AssociationTracker)
+    #: The node-wide association limit when several processes receive (else None:
+    #: pynetdicom's per-process ``maximum_associations`` applies).
+    slots: AssociationSlots | None = None
+
+    @cached_property
+    def file_header_template(self) -> bool:
+        """Whether the File Meta header comes from :mod:`qgate.receive.part10`'s template
+        (else from pynetdicom's ``event.encoded_dataset()``)."""
+        return "file_header" in self.settings.dicom.internals
 
     @cached_property
     def spool_root(self) -> Path:
@@ -682,11 +693,13 @@ def _store(event: PynetdicomEvent, ctx: ReceiveContext) -> int:
     fsync = ctx.settings.storage.fsync
     path = spool_path(ctx.spool_root, header.series_instance_uid, header.sop_instance_uid)
     head = b""
-    if not deflated:
+    if not deflated and ctx.file_header_template:
         head = file_header(header.sop_class_uid, header.sop_instance_uid, transfer_syntax)
+    elif not deflated:  # pynetdicom's own File Meta and a copy of the dataset
+        data = event.encoded_dataset()
     # A view of the receive buffer, released before the handler returns (pynetdicom
     # cannot grow or free the buffer while it is exported).
-    with memoryview(data) if deflated else stream.getbuffer() as body:
+    with memoryview(data) if data else stream.getbuffer() as body:
         size = len(head) + len(body)
         try:
             # The disk write runs while the transaction below does its statements.
@@ -762,7 +775,10 @@ def close_series(ctx: ReceiveContext, series: set[str], kind: str) -> None:
 
 
 def handle_release(event: PynetdicomEvent, ctx: ReceiveContext) -> None:
-    """``evt.EVT_RELEASED`` / ``EVT_ABORTED`` / ``EVT_CONN_CLOSE``: close the release hint."""
+    """``evt.EVT_RELEASED`` / ``EVT_ABORTED`` / ``EVT_CONN_CLOSE``: close the release hint
+    and free the association's slot."""
+    if ctx.slots is not None:
+        ctx.slots.release(event.assoc)
     series = ctx.tracker.end(event.assoc)
     if not series:
         return

@@ -7,6 +7,10 @@ called AE title (``dicom.require_called_aet``) and the association limit
 * ``dicom.allowed_peers``: the calling AE title must come from its listed address or
   network. Refused permanently: service user, calling AE title not recognised
   (result 1, source 1, reason 3).
+* ``dicom.maximum_associations`` across the node's receiver processes
+  (``dicom.receivers`` > 1, :class:`qgate.receive.listener.AssociationSlots`): with no
+  slot free the association is refused as transient, local limit exceeded (result 2,
+  source 3, reason 2), as pynetdicom refuses over its per-process limit.
 * ``storage.min_free_mb``: below the watermark every association is refused as transient,
   local limit exceeded (result 2, source 3, reason 2), so a modality retries later; as
   MONAI's Informatics Gateway does. Associations already open finish their series.
@@ -31,7 +35,8 @@ if TYPE_CHECKING:
 
 #: (result, source, reason) of the A-ASSOCIATE-RJ (PS3.8 9.3.4).
 REJECT_PEER = (0x01, 0x01, 0x03)
-REJECT_DISK_LOW = (0x02, 0x03, 0x02)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_DISK_LOW = REJECT_LOCAL_LIMIT
 
 
 def peer_allowed(peers: list[AllowedPeer], ae_title: str, address: str) -> bool:
@@ -69,9 +74,24 @@ def handle_requested(event: PynetdicomEvent, ctx: ReceiveContext) -> None:
     ae_title = str(primitive.calling_ae_title if primitive is not None else "")
     address = assoc.requestor.address
     decided = refusal(ctx, ae_title, address)
+    if decided is None and ctx.slots is not None:
+        decided = _take_slot(ctx, assoc)
     if decided is None:
         return
     (result, source, reason), why = decided
     ctx.logger.warning("association refused: aet=%s address=%s: %s", ae_title, address, why)
     assoc.acse.send_reject(result, source, reason)
     assoc.kill()
+
+
+def _take_slot(ctx: ReceiveContext, assoc: object) -> tuple[tuple[int, int, int], str] | None:
+    """Hold one of the node's association slots for ``assoc``, or the refusal."""
+    assert ctx.slots is not None
+    try:
+        if ctx.slots.acquire(assoc):
+            return None
+    except OSError as exc:  # the slot folder is gone: refuse rather than exceed the limit
+        return REJECT_LOCAL_LIMIT, f"association slots unavailable ({exc.strerror})"
+    return REJECT_LOCAL_LIMIT, (
+        f"dicom.maximum_associations ({ctx.slots.maximum}) reached on this node"
+    )

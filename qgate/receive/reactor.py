@@ -33,7 +33,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -48,6 +49,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from qgate.config import ReceiveInternal
 from qgate.receive.storersp import StoreResponseDIMSE
 
 LOGGER = logging.getLogger("pynetdicom.assoc")
@@ -61,6 +63,16 @@ DUL_WAIT_SECONDS = 0.005
 
 #: Longest TLS handshake of a new connection before it is dropped.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
+
+#: How long a process sharing its listening socket waits per association it already
+#: serves before it accepts (:mod:`qgate.receive.listener`): an idle one accepts first.
+ACCEPT_DEFER_SECONDS = 0.002
+
+#: The pynetdicom internals this module can replace, each measured on its own by
+#: ``benchmarks/receive.py --without NAME``: ``reactor`` (:class:`LowLatencyAssociation`),
+#: ``dul`` (:class:`LowLatencyDUL`), ``recv`` (:class:`BulkRecvSocket`),
+#: ``store_response`` (:class:`~qgate.receive.storersp.StoreResponseDIMSE`).
+INTERNALS: tuple[ReceiveInternal, ...] = ("reactor", "dul", "recv", "store_response")
 
 
 class LowLatencyAssociation(Association):
@@ -250,31 +262,86 @@ class LowLatencyRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            for event, handler in STANDARD_LOG_HANDLERS:
-                assoc.unbind(event, handler)
+        internals: frozenset[str] = getattr(self.server, "internals", frozenset(INTERNALS))
         # pynetdicom builds the acceptor and its DUL in long methods with no class
         # hook; the subclasses only override methods, so switching the classes before
         # the threads start is safe.
-        assoc.__class__ = LowLatencyAssociation
-        assoc.dul.__class__ = LowLatencyDUL
-        assoc.dul.socket.__class__ = BulkRecvSocket  # type: ignore[union-attr]
-        assoc.dimse.__class__ = StoreResponseDIMSE
-        assoc.dul._prepare()  # type: ignore[attr-defined]
+        if "reactor" in internals:
+            assoc.__class__ = LowLatencyAssociation
+        if "dul" in internals:
+            assoc.dul.__class__ = LowLatencyDUL
+            assoc.dul._prepare()  # type: ignore[attr-defined]
+        if "recv" in internals:
+            assoc.dul.socket.__class__ = BulkRecvSocket  # type: ignore[union-attr]
+        if "store_response" in internals:
+            assoc.dimse.__class__ = StoreResponseDIMSE
         return assoc
 
 
 class DeferredHandshakeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, but a TLS handshake runs on the connection's thread.
+    """pynetdicom's threaded server, but a TLS handshake runs on the connection's thread,
+    and the listening socket may be one that several receiver processes share.
 
     pynetdicom wraps an accepted socket with the handshake on connect, in the one thread
     that accepts every connection: a client that connects and stays silent would hold up
     all other connections for the network timeout. Here the socket is wrapped without
     the handshake, which :class:`LowLatencyRequestHandler` then performs.
+
+    ``listen_socket`` (keyword, through ``AE.make_server``'s documented pass-through of
+    extra keywords): a bound, listening, non-blocking socket to accept from instead of
+    binding ``address`` (:mod:`qgate.receive.listener`). ``internals``: which of
+    pynetdicom's internals :class:`LowLatencyRequestHandler` replaces
+    (:data:`INTERNALS`).
     """
+
+    def __init__(
+        self,
+        *args: Any,
+        listen_socket: socket.socket | None = None,
+        internals: frozenset[str] = frozenset(INTERNALS),
+        **kwargs: Any,
+    ) -> None:
+        self._listen_socket = listen_socket
+        self.internals = internals
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """socketserver's bind hook: bind ``address`` (pynetdicom), or take over the
+        shared socket."""
+        if self._listen_socket is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the unbound socket TCPServer made
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """socketserver's listen hook; a shared socket listens already (with its own
+        backlog, which ``listen()`` here would shrink for every process)."""
+        if self._listen_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        """Close the server; a shared socket is only closed in this process.
+
+        pynetdicom's ``server_close`` calls ``shutdown()`` on the listening socket, which
+        would stop it listening for every process that shares it: it is handed a fresh,
+        unconnected socket to shut down (``OSError``, which it ignores) instead.
+        """
+        if self._listen_socket is not None:
+            self.socket = socket.socket(self.address_family, socket.SOCK_STREAM)
+            self._listen_socket.close()
+        super().server_close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
+        if self._listen_socket is not None:
+            # Let a less busy receiver process take the connection (listener.py).
+            busy = len(self.active_associations)
+            if busy:
+                time.sleep(min(busy, 8) * ACCEPT_DEFER_SECONDS)
+        # BlockingIOError when another process accepted it first: socketserver skips it.
         client_socket, address = self.socket.accept()
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(
@@ -289,16 +356,30 @@ def start_server(
     evt_handlers: list[evt.EventHandlerType],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    listen_socket: socket.socket | None = None,
+    internals: Iterable[str] = INTERNALS,
 ) -> ThreadedAssociationServer:
     """``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` with
-    :class:`LowLatencyRequestHandler`; stop it with the server's ``shutdown()``."""
+    :class:`LowLatencyRequestHandler`; stop it with the server's ``shutdown()``.
+
+    ``listen_socket``: accept from this shared socket instead of binding ``address``.
+    ``internals``: the pynetdicom internals to replace (:data:`INTERNALS`; none: the
+    associations run pynetdicom's own classes).
+    """
     server = ae.make_server(
         address,
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         server_class=DeferredHandshakeServer,
         request_handler=LowLatencyRequestHandler,
+        listen_socket=listen_socket,
+        internals=frozenset(internals),
     )
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # pynetdicom's logging handlers format each PDU and DIMSE message whether or not
+        # the lines are emitted (~0.2 ms per instance).
+        for event, handler in STANDARD_LOG_HANDLERS:
+            server.unbind(event, handler)
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"scp@{address[1]}", daemon=True
     )

@@ -35,6 +35,7 @@ template of pynetdicom's own response encoding (:mod:`qgate.receive.storersp`).
 from __future__ import annotations
 
 import logging
+import socket
 
 from pydicom.uid import (
     JPEG2000,
@@ -66,8 +67,9 @@ from qgate.receive.handlers import (
     handle_release,
     handle_store,
 )
+from qgate.receive.listener import AssociationSlots
 from qgate.receive.policy import handle_requested
-from qgate.receive.reactor import start_server
+from qgate.receive.reactor import INTERNALS, start_server
 from qgate.spool import ensure_dir
 from qgate.tls import server_context
 
@@ -120,18 +122,25 @@ def start_scp(
     sessions: sessionmaker[Session],
     *,
     logger: logging.Logger | None = None,
+    listen_socket: socket.socket | None = None,
+    slots: AssociationSlots | None = None,
 ) -> ThreadedAssociationServer:
     """Start the SCP on ``settings.dicom.host:port`` in background threads.
 
     Parameters
     ----------
     settings : qgate.config.Settings
-        Uses ``dicom`` (AE title, address, whitelists, limits, timeout, TLS) and
-        ``storage`` (spool root, fsync, free-space watermark).
+        Uses ``dicom`` (AE title, address, whitelists, limits, timeout, TLS, internals)
+        and ``storage`` (spool root, fsync, free-space watermark).
     sessions : sqlalchemy.orm.sessionmaker
         Session factory of a migrated SQL store.
     logger : logging.Logger, optional
         Defaults to the ``qgate.receive`` logger.
+    listen_socket : socket.socket, optional
+        A listening socket shared by several receiver processes
+        (:mod:`qgate.receive.listener`) to accept from instead of binding the address.
+    slots : qgate.receive.listener.AssociationSlots, optional
+        The node-wide ``dicom.maximum_associations`` when several processes receive.
 
     Returns
     -------
@@ -139,7 +148,7 @@ def start_scp(
         Call its ``shutdown()`` to stop.
     """
     ensure_dir(settings.spool_dir, fsync=settings.storage.fsync)
-    ctx = ReceiveContext(settings=settings, sessions=sessions, logger=logger or LOGGER)
+    ctx = ReceiveContext(settings=settings, sessions=sessions, logger=logger or LOGGER, slots=slots)
     ae = build_ae(settings)
     tls = settings.dicom.tls
     return start_server(
@@ -147,4 +156,6 @@ def start_scp(
         (settings.dicom.host, settings.dicom.port),
         event_handlers(ctx),
         ssl_context=server_context(tls) if tls.enabled else None,
+        listen_socket=listen_socket,
+        internals=[i for i in settings.dicom.internals if i in INTERNALS],
     )

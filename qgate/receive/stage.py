@@ -1,19 +1,35 @@
 """``qgate receive``: the C-STORE SCP and, beside it, series assembly.
 
 At start the spool is reconciled with the store (:mod:`qgate.receive.recover`), then the
-SCP listens on ``dicom.host:port`` and the assembler queues complete series. Stopping
+stage listens on ``dicom.host:port`` and the assembler queues complete series. With
+``dicom.receivers: N`` above 1 the stage starts ``N - 1`` listener processes that accept
+from the same listening socket and restarts one that exits (:mod:`qgate.receive.listener`);
+the spool is reconciled before any of them runs. Stopping stops the listener processes,
 closes the listening socket and lets open associations end.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from qgate.assemble import Assembler
 from qgate.config import Settings
+from qgate.receive.listener import (
+    AssociationSlots,
+    ListenerSupervisor,
+    die_with_parent,
+    inherited_socket,
+    listen_socket,
+)
 from qgate.receive.recover import recover_spool
 from qgate.receive.scp import start_scp
 from qgate.stage import StageName, open_store
@@ -22,29 +38,123 @@ log = logging.getLogger(__name__)
 
 
 class ReceiveStage:
+    """The receive stage of a node: recovery, assembly, and ``dicom.receivers`` receiver
+    processes on one port (this one and ``dicom.receivers - 1`` listener processes).
+
+    Parameters
+    ----------
+    settings : qgate.config.Settings
+        The stage's configuration.
+    receive_argv : sequence of str
+        The command that runs ``qgate receive`` with this configuration (the listener
+        processes append their options); needed when ``dicom.receivers`` > 1.
+    """
+
     name: StageName = "receive"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, receive_argv: Sequence[str] = ()) -> None:
         self.settings = settings
+        self.receive_argv = list(receive_argv)
         self._engine: Engine | None = None
         self._scp: ThreadedAssociationServer | None = None
         self._assembler: Assembler | None = None
+        self._socket: socket.socket | None = None
+        self._slots_dir: Path | None = None
+        self._listeners: threading.Thread | None = None
+        self._stop_listeners = threading.Event()
 
     def start(self) -> None:
         s = self.settings
         s.spool_dir.mkdir(parents=True, exist_ok=True)
         self._engine, sessions = open_store(s)
         recover_spool(s, sessions)
+        self._socket = listen_socket(s.dicom.host, s.dicom.port)
+        slots = None
+        extra = s.dicom.receivers - 1
+        if extra:
+            if not self.receive_argv:
+                raise ValueError("dicom.receivers > 1 needs the command of a listener")
+            self._slots_dir = Path(tempfile.mkdtemp(prefix="qgate-receive-slots-"))
+            slots = AssociationSlots(self._slots_dir, s.dicom.maximum_associations)
+            supervisor = ListenerSupervisor(
+                s,
+                sock=self._socket,
+                slots=self._slots_dir,
+                count=extra,
+                receive_argv=self.receive_argv,
+            )
+            self._listeners = threading.Thread(
+                target=supervisor.run, args=(self._stop_listeners,), name="receivers"
+            )
+            self._listeners.start()
         self._assembler = Assembler(s, sessions)
         self._assembler.start()
-        self._scp = start_scp(s, sessions)
-        log.info("receiving as %s on %s:%d", s.dicom.ae_title, s.dicom.host, s.dicom.port)
+        self._scp = start_scp(s, sessions, listen_socket=self._socket, slots=slots)
+        log.info(
+            "receiving as %s on %s:%d (%d receiver process%s)",
+            s.dicom.ae_title,
+            s.dicom.host,
+            s.dicom.port,
+            s.dicom.receivers,
+            "es" if s.dicom.receivers > 1 else "",
+        )
+
+    def stop(self) -> None:
+        if self._listeners is not None:
+            self._stop_listeners.set()
+            self._listeners.join()
+        if self._scp is not None:
+            self._scp.shutdown()
+        if self._socket is not None:
+            self._socket.close()
+        if self._slots_dir is not None:
+            shutil.rmtree(self._slots_dir, ignore_errors=True)
+        if self._assembler is not None:
+            self._assembler.stop()
+            self._assembler.join(timeout=60)
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+class ReceiveListener:
+    """One listener process of the receive stage (``qgate receive --listen-fd``): the SCP
+    on the listening socket the stage process passed down, nothing else.
+
+    Parameters
+    ----------
+    settings : qgate.config.Settings
+        The stage's configuration.
+    fd : int
+        The inherited listening socket.
+    slots : pathlib.Path
+        The stage's association slot folder (:class:`AssociationSlots`).
+    parent : int
+        The stage process; this one exits when it dies.
+    """
+
+    name: StageName = "receive"
+
+    def __init__(self, settings: Settings, *, fd: int, slots: Path, parent: int) -> None:
+        self.settings = settings
+        self.fd = fd
+        self.slots = slots
+        self.parent = parent
+        self._engine: Engine | None = None
+        self._scp: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        die_with_parent(self.parent)
+        s = self.settings
+        self._engine, sessions = open_store(s)
+        self._scp = start_scp(
+            s,
+            sessions,
+            listen_socket=inherited_socket(self.fd),
+            slots=AssociationSlots(self.slots, s.dicom.maximum_associations),
+        )
 
     def stop(self) -> None:
         if self._scp is not None:
             self._scp.shutdown()
-        if self._assembler is not None:
-            self._assembler.stop()
-            self._assembler.join(timeout=60)
         if self._engine is not None:
             self._engine.dispose()

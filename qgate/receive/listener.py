@@ -1,0 +1,194 @@
+"""Several receiver processes on one port: a shared listening socket and a node-wide limit.
+
+A modality waits for each C-STORE response, so one association is served by one thread,
+and parallel associations in one process share its interpreter lock. With
+``dicom.receivers: N`` the receive stage binds and listens on ``dicom.host:port`` once
+(:func:`listen_socket`), then starts ``N - 1`` listener processes (``qgate receive
+--listen-fd``) that inherit that socket (:class:`ListenerSupervisor`); every process
+accepts associations from it and serves them on its own cores, each with its own
+database connections, writing to the same spool. This is the pre-fork model of
+``storescp --fork``'s parent, without a process per association.
+
+Why one inherited socket rather than ``SO_REUSEPORT``: a port shared with
+``SO_REUSEPORT`` also admits any other process of the same user that binds it with the
+option (a second qgate left running would silently take part of the traffic), and the
+connections queued on a listener that dies are reset. An inherited socket has one
+backlog, owned by the stage, which outlives any one listener.
+
+Balancing: the kernel hands a new connection to whichever process accepts first. A
+process already serving associations waits
+:data:`~qgate.receive.reactor.ACCEPT_DEFER_SECONDS` per association
+before it accepts (:meth:`qgate.receive.reactor.DeferredHandshakeServer.get_request`), so
+an idle process is first in line and parallel associations spread over the processes.
+
+``dicom.maximum_associations`` holds for the node, all processes together
+(:class:`AssociationSlots`); the free-space watermark is a ``statvfs`` of the shared
+spool at every association request, so it holds across processes as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qgate.service import Child, Supervisor
+
+log = logging.getLogger(__name__)
+
+#: Connections the shared socket queues before the kernel refuses more.
+LISTEN_BACKLOG = 64
+
+_PR_SET_PDEATHSIG = 1
+
+
+def listen_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when ``host`` has a colon).
+
+    Non-blocking: every receiver process polls it and a process that loses the race for a
+    connection gets ``BlockingIOError`` instead of waiting in ``accept``.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` dies (``PR_SET_PDEATHSIG``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+class AssociationSlots:
+    """At most ``maximum`` associations at once across the processes of one node.
+
+    One lock file per slot in ``folder`` (a local folder the receive stage creates). An
+    association holds an exclusive ``flock`` on a file of its own opening; a lock is
+    per open file, so it excludes other threads and processes alike, and the kernel
+    drops it when the holder closes the file or dies, so a crashed process frees its
+    slots.
+    """
+
+    def __init__(self, folder: Path, maximum: int) -> None:
+        self.folder = folder
+        self.maximum = maximum
+        self._lock = threading.Lock()
+        self._held: weakref.WeakKeyDictionary[object, weakref.finalize[..., None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"slot-{k:04d}.lock"
+
+    def acquire(self, owner: object) -> bool:
+        """Take a free slot for ``owner`` (an association); ``False`` if none is free.
+
+        The slot is released by :meth:`release`, or when ``owner`` is garbage-collected.
+
+        Raises
+        ------
+        OSError
+            The folder cannot be read or written (the caller refuses the association).
+        """
+        for k in range(self.maximum):
+            fd = os.open(self._path(k), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            with self._lock:
+                self._held[owner] = weakref.finalize(owner, os.close, fd)
+            return True
+        return False
+
+    def release(self, owner: object) -> None:
+        """Free ``owner``'s slot; nothing if it holds none (safe to call repeatedly)."""
+        with self._lock:
+            fin = self._held.pop(owner, None)
+        if fin is not None:
+            fin()
+
+    def __len__(self) -> int:
+        """Slots this process holds."""
+        with self._lock:
+            return len(self._held)
+
+
+@dataclass
+class ListenerChild(Child):
+    """One listener process: ``argv`` inherits ``pass_fds`` (the listening socket)."""
+
+    pass_fds: tuple[int, ...] = ()
+
+    def start(self) -> None:
+        # No preexec_fn: this process has threads. The child asks for PR_SET_PDEATHSIG
+        # itself (die_with_parent, given this pid), before it accepts anything.
+        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds)
+        self.started_at = time.monotonic()
+        log.info("receiver %s started (pid %d)", self.argv[-1], self.proc.pid)
+
+
+@dataclass
+class ListenerSupervisor(Supervisor):
+    """Runs ``count`` listener processes (``qgate receive --listen-fd``) until
+    :meth:`run`'s event is set, restarting one that exits (``qgate serve``'s backoff).
+
+    Run it on a thread that lives as long as its children: ``PR_SET_PDEATHSIG`` fires
+    when the thread that started a child ends.
+    """
+
+    sock: socket.socket | None = None
+    slots: Path | None = None
+    count: int = 0
+    receive_argv: Sequence[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        assert self.sock is not None and self.slots is not None
+        fd = self.sock.fileno()
+        self.children = [
+            ListenerChild(
+                "receive",
+                [
+                    *self.receive_argv,
+                    "--listen-fd",
+                    str(fd),
+                    "--slots",
+                    str(self.slots),
+                    "--parent",
+                    str(os.getpid()),
+                    "--listener",
+                    str(k),
+                ],
+                pass_fds=(fd,),
+            )
+            for k in range(1, self.count + 1)
+        ]
+        for child in self.children:
+            child.start()
+
+
+def receive_argv(cli_args: Sequence[str]) -> list[str]:
+    """The command of a listener process, before its ``--listen-fd`` options."""
+    return [sys.executable, "-m", "qgate.cli", *cli_args, "receive"]
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    """The listening socket a listener process inherited as ``fd`` (non-blocking)."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock

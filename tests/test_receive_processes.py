@@ -1,0 +1,199 @@
+"""Several receiver processes on one port (dicom.receivers), against real DICOM peers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import create_engine, select
+
+from qgate.db.models import Instance
+from qgate.synth import make_ct_series, write_series
+from tests.conftest import free_port
+from tests.support.qgate_proc import QgateProcess
+
+
+def _config(tmp_path: Path, **dicom: Any) -> dict[str, Any]:
+    return {
+        "dicom": {"ae_title": "QGATE", "host": "127.0.0.1", "port": free_port(), **dicom},
+        "series": {"stable_seconds": 3600, "release_grace_seconds": 3600},
+        "database": {"url": f"sqlite:///{tmp_path / 'qgate.db'}"},
+        "storage": {"root": str(tmp_path / "var"), "fsync": False, "min_free_mb": 0},
+    }
+
+
+@pytest.fixture
+def receivers(tmp_path: Path) -> Iterator[QgateProcess]:
+    """``qgate receive`` with two receiver processes."""
+    q = QgateProcess(tmp_path / "q", _config(tmp_path, receivers=2), command=["receive"])
+    q.cli("db", "upgrade")
+    q.start()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+def _listeners(q: QgateProcess, started: int = 1) -> list[int]:
+    """The stage's listener process(es), once ``started`` of them (killed ones included)
+    have logged that they run."""
+    assert q.proc is not None
+    pid = q.proc.pid
+    deadline = time.monotonic() + 30
+    while True:
+        # Listeners are children of the stage's supervising thread, not its main thread.
+        children = [
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+        running = q.log().count("stage receive running") - 1  # less the stage's own line
+        if (children and running >= started) or time.monotonic() > deadline:
+            return children
+        time.sleep(0.1)
+
+
+def _owner(pids: list[int], peer_port: int) -> int | None:
+    """Which of ``pids`` holds the server side of the connection from ``peer_port``."""
+    inodes: dict[str, str] = {}  # socket inode -> remote port (hex)
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            inodes[fields[9]] = fields[2].rsplit(":", 1)[1]
+    want = f"{peer_port:04X}"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and inodes.get(target[8:-1]) == want:
+                return pid
+    return None
+
+
+def _scu() -> AE:
+    ae = AE("MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    return ae
+
+
+def _associate(q: QgateProcess) -> tuple[Association, int]:
+    port = free_port()
+    assoc = _scu().associate("127.0.0.1", q.port, ae_title=q.ae_title, bind_address=("", port))
+    return assoc, port
+
+
+def _owned_by_each(q: QgateProcess, pids: list[int]) -> list[tuple[Association, int]]:
+    """Open associations until every one of ``pids`` serves at least one."""
+    held: list[tuple[Association, int]] = []
+    owners: set[int] = set()
+    for _ in range(12):
+        assoc, port = _associate(q)
+        assert assoc.is_established
+        deadline = time.monotonic() + 5
+        while (owner := _owner(pids, port)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert owner is not None
+        held.append((assoc, owner))
+        owners.add(owner)
+        if owners == set(pids):
+            return held
+    raise AssertionError(f"associations went to {owners} only, of {pids}")
+
+
+def _recorded(tmp_path: Path) -> list[tuple[str, str]]:
+    engine = create_engine(f"sqlite:///{tmp_path / 'qgate.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(select(Instance.sop_instance_uid, Instance.path)).all()
+    engine.dispose()
+    return [(str(u), str(p)) for u, p in rows]
+
+
+def test_two_receiver_processes_share_the_port_and_lose_nothing(
+    receivers: QgateProcess, tmp_path: Path
+) -> None:
+    q = receivers
+    pids = [q.proc.pid, *_listeners(q)]  # type: ignore[union-attr]
+    assert len(pids) == 2
+    held = _owned_by_each(q, pids)
+
+    # Every held association (on both processes) sends its own series, all at once,
+    # beside a dcmtk storescu association.
+    series = [make_ct_series(6, 64, 64, seed=k) for k in range(len(held) + 1)]
+    files = write_series(series[-1], tmp_path / "storescu")
+    statuses: list[int] = []
+
+    def send(assoc: Association, datasets: list[Dataset]) -> None:
+        statuses.extend(int(assoc.send_c_store(ds).Status) for ds in datasets)
+        assoc.release()
+
+    threads = [
+        threading.Thread(target=send, args=(assoc, ds))
+        for (assoc, _), ds in zip(held, series, strict=False)
+    ]
+    for t in threads:
+        t.start()
+    r = q.storescu(files)
+    for t in threads:
+        t.join(60)
+    assert r.returncode == 0, r.stderr
+    assert statuses == [0] * (6 * len(held))
+
+    sent = {str(ds.SOPInstanceUID) for s in series for ds in s}
+    rows = _recorded(tmp_path)
+    assert sorted(u for u, _ in rows) == sorted(sent)  # each exactly once
+    root = tmp_path / "var"
+    assert all((root / path).is_file() for _, path in rows)
+    assert {p.stem for p in (root / "spool").rglob("*.dcm")} == sent
+
+
+def test_maximum_associations_holds_across_the_processes(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, receivers=2, maximum_associations=2)
+    q = QgateProcess(tmp_path / "q", cfg, command=["receive"])
+    q.cli("db", "upgrade")
+    q.start()
+    try:
+        pids = [q.proc.pid, *_listeners(q)]  # type: ignore[union-attr]
+        held = _owned_by_each(q, pids)
+        assert len(held) == 2  # one in each process: the node's limit is reached
+        for _ in range(4):  # wherever a third lands, it is refused
+            extra, _port = _associate(q)
+            assert extra.is_rejected
+        held[0][0].release()
+        deadline = time.monotonic() + 5
+        while True:  # the slot is free once the acceptor has seen the release
+            again, _port = _associate(q)
+            if again.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert again.is_established
+        again.release()
+        held[1][0].release()
+    finally:
+        q.stop()
+
+
+def test_a_killed_receiver_process_is_replaced(receivers: QgateProcess) -> None:
+    q = receivers
+    [listener] = _listeners(q)
+    os.kill(listener, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while _listeners(q) == [listener] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [replacement] = _listeners(q, started=2)
+    assert replacement != listener
+    held = _owned_by_each(q, [q.proc.pid, replacement])  # type: ignore[union-attr]
+    for assoc, _ in held:
+        assoc.release()
+    assert q.echo()
