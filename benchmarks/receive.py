@@ -1,17 +1,27 @@
-"""Receive throughput: storescu -> qgate serve vs storescu -> Orthanc, same series, same run.
+"""Receive throughput: storescu -> qgate vs storescu -> Orthanc, same series, same run.
 
-Each repetition sends a fresh copy of the series (new UIDs, so neither side sees
-duplicates) over ONE association with dcmtk storescu, and times storescu's wall clock.
-One unmeasured warm-up send to each receiver comes first, after the generated series
-are flushed to disk.
-qgate runs as `qgate serve` with its database recorded (SQLite WAL, synchronous=NORMAL)
-and fsync on (one flush per instance, see qgate/spool.py); Orthanc runs with its defaults
-(SQLite index, storage area synced: one fdatasync per instance) plus TCP_NODELAY.
-A third receiver bounds what any pynetdicom-based SCP can do here: pynetdicom with qgate's
-acceptor loop (qgate.receive.reactor) and a C-STORE handler that returns Success at once,
-storing nothing. Prints a table; paste it into benchmarks/RESULTS.md.
+Two scenarios, each repetition with fresh UIDs (neither side sees duplicates):
 
-    .venv/bin/python benchmarks/receive.py --slices 200 --size 512 --reps 5
+* one association sending ``--slices`` instances (dcmtk storescu);
+* ``--parallel`` simultaneous associations (one storescu each), each sending its own
+  series of ``--slices / --parallel`` instances.
+
+The time is storescu's wall clock (for the parallel scenario, from the first start to the
+last exit); instances/s = instances sent / time. One unmeasured warm-up send of each
+scenario goes to each receiver first, after the generated series are flushed to disk.
+Within a repetition the receivers take turns, the order rotating, so the host's speed
+drifting affects all of them alike.
+
+qgate runs as ``qgate receive`` (``--receivers`` processes on one port, its database
+recorded: SQLite WAL, synchronous=NORMAL) with fsync on (one flush per instance, see
+qgate/spool.py); Orthanc (Debian) runs with its defaults (SQLite index, one fdatasync per
+instance, TcpNoDelay). storescu runs with TCP_NODELAY=1.
+
+``--without NAME`` (repeatable) adds a qgate variant with that pynetdicom internal turned
+off (``dicom.internals``; ``none`` turns every one off); ``--ablation`` adds one variant
+per internal and ``none``. Prints tables; paste them into benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/receive.py --slices 300 --parallel 4 --size 512 --reps 5
 """
 
 from __future__ import annotations
@@ -24,148 +34,203 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
-from qgate.receive.reactor import start_server
-from qgate.receive.scp import TRANSFER_SYNTAXES
+from qgate.config import RECEIVE_INTERNALS
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
-from tests.support.orthanc import start_orthanc
+from tests.support.orthanc import Orthanc, start_orthanc
 from tests.support.qgate_proc import QgateProcess
 
 
-def _send(host_port: int, aec: str, files: list[Path]) -> float:
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(host_port), *map(str, files)],
-        capture_output=True,
+@dataclass
+class Receiver:
+    name: str
+    port: int
+    aec: str
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _storescu(port: int, aec: str, files: list[Path]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"storescu failed: {r.stderr[-2000:]}")
-    return dt
 
 
-def _start_floor(port: int) -> object:
-    """pynetdicom, qgate's acceptor loop, a handler that stores nothing."""
-    ae = AE("FLOOR")
-    ae.maximum_pdu_size = 0
-    ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
+def _send(rx: Receiver, batches: list[list[Path]]) -> float:
+    """Send each batch on its own association, all at once; seconds until the last ends."""
+    t0 = time.perf_counter()
+    procs = [_storescu(rx.port, rx.aec, files) for files in batches]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {rx.name} failed: {err[-2000:]}")
+    return time.perf_counter() - t0
 
-    def handler(event: evt.Event) -> int:
-        event.encoded_dataset()  # the bytes qgate would write, then nothing
-        return 0x0000
 
-    return start_server(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, handler)])
+def _copy(base: list[Dataset], folder: Path) -> list[Path]:
+    """``base`` as a new series (new study, series and instance UIDs) in ``folder``."""
+    study, series = generate_uid(), generate_uid()
+    for ds in base:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return write_series(base, folder)
+
+
+def _qgate_config(work: Path, name: str, args: argparse.Namespace, internals: list[str]) -> Any:
+    return {
+        "dicom": {
+            "ae_title": "QGATE",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "receivers": args.receivers,
+            "internals": internals,
+        },
+        # Long enough that assembly does not compete with receiving during the run.
+        "series": {"stable_seconds": 3600, "release_grace_seconds": 3600},
+        "database": {"url": f"sqlite:///{work / name / 'qgate.db'}"},
+        "storage": {"root": str(work / name / "var"), "fsync": not args.no_fsync},
+    }
+
+
+def _variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """qgate variant name -> the internals it keeps."""
+    every = list(RECEIVE_INTERNALS)
+    off = [*RECEIVE_INTERNALS, "none"] if args.ablation else list(args.without)
+    out = {"qgate": every}
+    for name in off:
+        out[f"qgate -{name}"] = [] if name == "none" else [i for i in every if i != name]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--parallel", type=int, default=4, help="simultaneous associations")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--receivers", type=int, default=2, help="qgate dicom.receivers")
     ap.add_argument("--no-fsync", action="store_true", help="qgate without fsync (not the default)")
     ap.add_argument(
-        "--all-scorers",
-        action="store_true",
-        help="qgate with its default scorers, the three models loaded (idle during the run)",
+        "--without",
+        action="append",
+        default=[],
+        choices=[*RECEIVE_INTERNALS, "none"],
+        help="add a qgate variant without this pynetdicom internal (repeatable)",
     )
-    ap.add_argument(
-        "--fsync-directory", action="store_true", help="qgate also fsyncs the folder (strict)"
-    )
+    ap.add_argument("--ablation", action="store_true", help="a variant without each internal")
     args = ap.parse_args()
+    per = args.slices // args.parallel
+    scenarios = {"one": f"1 x {args.slices}", "parallel": f"{args.parallel} x {per}"}
+    load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="qgate-bench-") as tmp:
         work = Path(tmp)
-        series = []
-        for rep in range((args.reps + 1) * 3):  # one unmeasured warm-up rep
-            ds = make_ct_series(args.slices, args.size, args.size, seed=rep)
-            series.append(write_series(ds, work / f"in{rep}"))
-        mb = sum(p.stat().st_size for p in series[0]) / 1e6
+        # Pixel data generated once; every send is a copy with fresh UIDs.
+        base = make_ct_series(args.slices, args.size, args.size, seed=0)
+        chunks = [base[k * per : (k + 1) * per] for k in range(args.parallel)]
+        sends: list[dict[str, list[list[Path]]]] = []  # rep -> scenario -> batches
+        for rep in range(args.reps + 1):  # rep 0: the unmeasured warm-up
+            one = [_copy(base, work / f"in{rep}-one")]
+            par = [_copy(chunk, work / f"in{rep}-par{k}") for k, chunk in enumerate(chunks)]
+            sends.append({"one": one, "parallel": par})
+        mb = sum(p.stat().st_size for p in sends[0]["one"][0]) / 1e6
         # The generated series are gigabytes of dirty pages; left to the kernel, their
         # writeback would compete with the receivers' own writes in the first reps.
         os.sync()
 
-        archive = start_orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port())
-        cfg = {
-            "dicom": {"ae_title": "QGATE", "host": "127.0.0.1", "port": free_port()},
-            "archive": {"port": archive.dicom_port},
-            # Long enough that scoring does not compete with receiving during the run.
-            "series": {"stable_seconds": 3600, "release_grace_seconds": 3600},
-            # Nothing is scored during the run; the classical scorers only spare the
-            # start-up of loading the models (--all-scorers loads them, as serve does).
-            **({} if args.all_scorers else {"scoring": {"scorers": ["noise", "snr"]}}),
-            "database": {"url": f"sqlite:///{work / 'qgate.db'}"},
-            "storage": {
-                "root": str(work / "var"),
-                "fsync": not args.no_fsync,
-                "fsync_directory": args.fsync_directory,
-            },
-        }
-        q = QgateProcess(work, cfg).start()
-        floor_port = free_port()
-        floor = _start_floor(floor_port)
-        times: dict[str, list[float]] = {"qgate": [], "orthanc": [], "pynetdicom no-op": []}
+        archive: Orthanc = start_orthanc(
+            work / "orthanc", dicom_port=free_port(), http_port=free_port()
+        )
+        qgates: dict[str, QgateProcess] = {}
         try:
-            receivers = [
-                ("qgate", q.port, "QGATE"),
-                ("orthanc", archive.dicom_port, "ARCHIVE"),
-                ("pynetdicom no-op", floor_port, "FLOOR"),
-            ]
-            for k, (_, port, aec) in enumerate(receivers):  # warm-up: first association
-                _send(port, aec, series[3 * args.reps + k])
-            for rep in range(args.reps):
-                # Alternate the order so neither side always runs on a warmer page cache.
-                order = receivers[rep % 3 :] + receivers[: rep % 3]
-                for k, (name, port, aec) in enumerate(order):
-                    times[name].append(_send(port, aec, series[3 * rep + k]))
-            rows = q.cli_json("results", "--json")
-            received = sum(r["instances"] for r in rows)
+            for name, internals in _variants(args).items():
+                cfg = _qgate_config(work, name.replace(" ", ""), args, internals)
+                q = QgateProcess(work / name.replace(" ", ""), cfg, command=["receive"])
+                q.cli("db", "upgrade")
+                qgates[name] = q.start()
+            # Every listener process up before the clock starts.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(
+                q.log().count("stage receive running") < args.receivers for q in qgates.values()
+            ):
+                time.sleep(0.2)
+            receivers = [Receiver(n, q.port, "QGATE") for n, q in qgates.items()]
+            receivers.append(Receiver("orthanc", archive.dicom_port, "ARCHIVE"))
+            for rx in receivers:
+                rx.times = {s: [] for s in scenarios}
+            for rep, batches in enumerate(sends):
+                for s in scenarios:
+                    k = rep % len(receivers)
+                    for rx in receivers[k:] + receivers[:k]:
+                        dt = _send(rx, batches[s])
+                        if rep:  # rep 0 warms up
+                            rx.times[s].append(dt)
+            expected = (args.reps + 1) * (args.slices + per * args.parallel)
+            for name, q in qgates.items():
+                got = sum(r["instances"] for r in q.cli_json("results", "--json"))
+                assert got == expected, f"{name} recorded {got} of {expected} instances"
         finally:
-            floor.shutdown()  # type: ignore[attr-defined]
-            q.stop()
+            for q in qgates.values():
+                q.stop()
             archive.stop()
-        expected = (args.reps + 1) * args.slices  # with the warm-up
-    assert received == expected, f"qgate recorded {received} instances"
+    load_end = os.getloadavg()
+    _report(args, scenarios, receivers, mb, load_start, load_end)
 
+
+def _report(
+    args: argparse.Namespace,
+    scenarios: dict[str, str],
+    receivers: list[Receiver],
+    mb: float,
+    load_start: tuple[float, float, float],
+    load_end: tuple[float, float, float],
+) -> None:
+    n = {"one": args.slices, "parallel": (args.slices // args.parallel) * args.parallel}
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}"
     )
     print(
-        f"series: {args.slices} x {args.size}x{args.size} CT, {mb:.1f} MB, one association, "
-        f"{args.reps} reps, fsync {'off' if args.no_fsync else 'on'}"
-        f"{' + folder' if args.fsync_directory else ''}, load average {os.getloadavg()[0]:.1f}"
-        f"{', qgate with all scorers loaded' if args.all_scorers else ''}"
+        f"series: {args.size}x{args.size} CT, {mb / args.slices:.2f} MB per instance, "
+        f"{args.reps} reps, qgate receivers {args.receivers}, fsync "
+        f"{'off' if args.no_fsync else 'on'}; load average (1 min) {load_start[0]:.2f} at "
+        f"start, {load_end[0]:.2f} at end"
     )
     print()
-    print("| receiver | median s | min s | instances/s (median) | ms/instance | MB/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    med = {}
-    for name, ts in times.items():
-        med[name] = statistics.median(ts)
-        print(
-            f"| {name} | {med[name]:.3f} | {min(ts):.3f} | {args.slices / med[name]:.1f} | "
-            f"{1000 * med[name] / args.slices:.2f} | {mb / med[name]:.1f} |"
-        )
-    # Each rep sends to all three back to back, so a rep's own ratio is less exposed to
-    # the host's speed drifting between reps than the ratio of the medians.
-    paired = statistics.median(o / q for o, q in zip(times["orthanc"], times["qgate"], strict=True))
+    orthanc = receivers[-1]
+    print("| receiver | associations | median s | min s | instances/s | qgate/Orthanc |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for s, label in scenarios.items():
+        ref = statistics.median(orthanc.times[s])
+        for rx in receivers:
+            med = statistics.median(rx.times[s])
+            ratio = f"{ref / med:.2f}x" if rx is not orthanc else ""
+            print(
+                f"| {rx.name} | {label} | {med:.3f} | {min(rx.times[s]):.3f} | "
+                f"{n[s] / med:.1f} | {ratio} |"
+            )
     print()
-    print(f"ratio qgate/orthanc instances/s: {med['orthanc'] / med['qgate']:.2f}x")
-    print(f"median of the per-rep ratios qgate/orthanc: {paired:.2f}x")
-    floor_ratio = med["orthanc"] / med["pynetdicom no-op"]
-    print(f"ratio pynetdicom no-op/orthanc instances/s: {floor_ratio:.2f}x")
+    for s, label in scenarios.items():
+        q = receivers[0]
+        # Each rep sends to every receiver back to back: its own ratio is less exposed to
+        # the host's drift than the ratio of the medians.
+        paired = statistics.median(o / t for o, t in zip(orthanc.times[s], q.times[s], strict=True))
+        ratio = statistics.median(orthanc.times[s]) / statistics.median(q.times[s])
+        print(f"{label}: qgate/Orthanc {ratio:.2f}x (median of per-rep ratios {paired:.2f}x)")
 
 
 if __name__ == "__main__":
