@@ -170,9 +170,13 @@ def receive(
 
     settings = _settings(ctx)
     if listen_fd is not None:  # started by the receive stage (qgate/receive/listener.py)
-        if slots is None or parent is None:
-            raise click.UsageError("--listen-fd needs --slots and --parent")
-        _run_stage(lambda: ReceiveListener(settings, fd=listen_fd, slots=slots, parent=parent))
+        if slots is None or parent is None or listener is None:
+            raise click.UsageError("--listen-fd needs --slots, --parent and --listener")
+        _run_stage(
+            lambda: ReceiveListener(
+                settings, fd=listen_fd, slots=slots, parent=parent, index=listener
+            )
+        )
         return
     state = ctx.find_root().ensure_object(dict)
     args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))

@@ -15,11 +15,12 @@ option (a second qgate left running would silently take part of the traffic), an
 connections queued on a listener that dies are reset. An inherited socket has one
 backlog, owned by the stage, which outlives any one listener.
 
-Balancing: the kernel hands a new connection to whichever process accepts first. A
-process already serving associations waits
-:data:`~qgate.receive.reactor.ACCEPT_DEFER_SECONDS` per association
-before it accepts (:meth:`qgate.receive.reactor.DeferredHandshakeServer.get_request`), so
-an idle process is first in line and parallel associations spread over the processes.
+Balancing: the kernel hands a new connection to whichever process accepts first. Each
+process publishes how many connections it serves on a :class:`LoadBoard`, and one that
+serves more than the least busy waits :data:`~qgate.receive.reactor.ACCEPT_DEFER_SECONDS`
+per connection of difference before it accepts
+(:meth:`qgate.receive.reactor.DeferredHandshakeServer.get_request`), so the least busy
+process is first in line and parallel associations spread evenly over the processes.
 
 ``dicom.maximum_associations`` holds for the node, all processes together
 (:class:`AssociationSlots`); the free-space watermark is a ``statvfs`` of the shared
@@ -31,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -127,6 +129,33 @@ class AssociationSlots:
         """Slots this process holds."""
         with self._lock:
             return len(self._held)
+
+
+class LoadBoard:
+    """How many connections each receiver process of a node serves: one 4-byte cell per
+    process in a file all of them map (``board`` in the slot folder). A process writes
+    only its own cell; a stale cell (a process that died) is rewritten by its
+    replacement, and costs at most a few milliseconds of deferral meanwhile."""
+
+    def __init__(self, folder: Path, index: int, size: int) -> None:
+        self.index = index
+        fd = os.open(folder / "board", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 4 * size:
+                os.ftruncate(fd, 4 * size)
+            self._map = mmap.mmap(fd, 4 * size)
+        finally:
+            os.close(fd)
+        self._cells = memoryview(self._map).cast("i")
+        self._cells[index] = 0
+
+    def publish(self, serving: int) -> None:
+        """Set this process's count."""
+        self._cells[self.index] = serving
+
+    def lead(self, serving: int) -> int:
+        """How many connections more than the least busy process this one serves."""
+        return serving - min(self._cells)
 
 
 @dataclass

@@ -35,7 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom._handlers import (
@@ -51,6 +51,9 @@ from pynetdicom.utils import make_target
 
 from qgate.config import ReceiveInternal
 from qgate.receive.storersp import StoreResponseDIMSE
+
+if TYPE_CHECKING:
+    from qgate.receive.listener import LoadBoard
 
 LOGGER = logging.getLogger("pynetdicom.assoc")
 
@@ -243,11 +246,15 @@ class LowLatencyRequestHandler(RequestHandler):
     """
 
     def handle(self) -> None:
-        sock = self.request
-        if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock):
-            self.server.shutdown_request(sock)
-            return
-        super().handle()
+        try:
+            sock = self.request
+            if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock):
+                self.server.shutdown_request(sock)
+                return
+            super().handle()
+        finally:  # the association's own thread counts it from here on
+            if isinstance(self.server, DeferredHandshakeServer):
+                self.server.association_started()
 
     def _handshake(self, sock: ssl.SSLSocket) -> bool:
         timeout = sock.gettimeout()
@@ -298,12 +305,32 @@ class DeferredHandshakeServer(ThreadedAssociationServer):
         self,
         *args: Any,
         listen_socket: socket.socket | None = None,
+        board: LoadBoard | None = None,
         internals: frozenset[str] = frozenset(INTERNALS),
         **kwargs: Any,
     ) -> None:
         self._listen_socket = listen_socket
+        self._board = board
         self.internals = internals
+        # Connections accepted whose association thread has not started yet.
+        self._starting = 0
+        self._starting_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+
+    def _serving(self, accepted: int = 0) -> int:
+        with self._starting_lock:
+            self._starting += accepted
+            starting = self._starting
+        return starting + len(self.active_associations)
+
+    def association_started(self) -> None:
+        """The request handler started a connection's association thread (or gave up)."""
+        self._serving(-1)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self._board is not None:  # at least every poll interval: counts go down too
+            self._board.publish(self._serving())
 
     def server_bind(self) -> None:
         """socketserver's bind hook: bind ``address`` (pynetdicom), or take over the
@@ -336,13 +363,18 @@ class DeferredHandshakeServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        if self._listen_socket is not None:
+        if self._board is not None:
             # Let a less busy receiver process take the connection (listener.py).
-            busy = len(self.active_associations)
-            if busy:
-                time.sleep(min(busy, 8) * ACCEPT_DEFER_SECONDS)
+            serving = self._serving()
+            self._board.publish(serving)
+            lead = self._board.lead(serving)
+            if lead > 0:
+                time.sleep(min(lead, 8) * ACCEPT_DEFER_SECONDS)
         # BlockingIOError when another process accepted it first: socketserver skips it.
         client_socket, address = self.socket.accept()
+        serving = self._serving(+1)
+        if self._board is not None:
+            self._board.publish(serving)
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(
                 client_socket, server_side=True, do_handshake_on_connect=False
@@ -357,12 +389,14 @@ def start_server(
     *,
     ssl_context: ssl.SSLContext | None = None,
     listen_socket: socket.socket | None = None,
+    board: LoadBoard | None = None,
     internals: Iterable[str] = INTERNALS,
 ) -> ThreadedAssociationServer:
     """``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` with
     :class:`LowLatencyRequestHandler`; stop it with the server's ``shutdown()``.
 
-    ``listen_socket``: accept from this shared socket instead of binding ``address``.
+    ``listen_socket``: accept from this shared socket instead of binding ``address``;
+    ``board``: where the processes sharing it publish how busy they are.
     ``internals``: the pynetdicom internals to replace (:data:`INTERNALS`; none: the
     associations run pynetdicom's own classes).
     """
@@ -373,6 +407,7 @@ def start_server(
         server_class=DeferredHandshakeServer,
         request_handler=LowLatencyRequestHandler,
         listen_socket=listen_socket,
+        board=board,
         internals=frozenset(internals),
     )
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):

@@ -67,7 +67,7 @@ from qgate.receive.handlers import (
     handle_release,
     handle_store,
 )
-from qgate.receive.listener import AssociationSlots
+from qgate.receive.listener import AssociationSlots, LoadBoard
 from qgate.receive.policy import handle_requested
 from qgate.receive.reactor import INTERNALS, start_server
 from qgate.spool import ensure_dir
@@ -123,6 +123,7 @@ def start_scp(
     *,
     logger: logging.Logger | None = None,
     listen_socket: socket.socket | None = None,
+    board: LoadBoard | None = None,
     slots: AssociationSlots | None = None,
 ) -> ThreadedAssociationServer:
     """Start the SCP on ``settings.dicom.host:port`` in background threads.
@@ -139,6 +140,8 @@ def start_scp(
     listen_socket : socket.socket, optional
         A listening socket shared by several receiver processes
         (:mod:`qgate.receive.listener`) to accept from instead of binding the address.
+    board : qgate.receive.listener.LoadBoard, optional
+        Where the processes sharing ``listen_socket`` publish how busy they are.
     slots : qgate.receive.listener.AssociationSlots, optional
         The node-wide ``dicom.maximum_associations`` when several processes receive.
 
@@ -157,5 +160,6 @@ def start_scp(
         event_handlers(ctx),
         ssl_context=server_context(tls) if tls.enabled else None,
         listen_socket=listen_socket,
+        board=board,
         internals=[i for i in settings.dicom.internals if i in INTERNALS],
     )

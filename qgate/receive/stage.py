@@ -26,6 +26,7 @@ from qgate.config import Settings
 from qgate.receive.listener import (
     AssociationSlots,
     ListenerSupervisor,
+    LoadBoard,
     die_with_parent,
     inherited_socket,
     listen_socket,
@@ -69,13 +70,14 @@ class ReceiveStage:
         self._engine, sessions = open_store(s)
         recover_spool(s, sessions)
         self._socket = listen_socket(s.dicom.host, s.dicom.port)
-        slots = None
+        slots = board = None
         extra = s.dicom.receivers - 1
         if extra:
             if not self.receive_argv:
                 raise ValueError("dicom.receivers > 1 needs the command of a listener")
             self._slots_dir = Path(tempfile.mkdtemp(prefix="qgate-receive-slots-"))
             slots = AssociationSlots(self._slots_dir, s.dicom.maximum_associations)
+            board = LoadBoard(self._slots_dir, 0, s.dicom.receivers)
             supervisor = ListenerSupervisor(
                 s,
                 sock=self._socket,
@@ -89,7 +91,7 @@ class ReceiveStage:
             self._listeners.start()
         self._assembler = Assembler(s, sessions)
         self._assembler.start()
-        self._scp = start_scp(s, sessions, listen_socket=self._socket, slots=slots)
+        self._scp = start_scp(s, sessions, listen_socket=self._socket, board=board, slots=slots)
         log.info(
             "receiving as %s on %s:%d (%d receiver process%s)",
             s.dicom.ae_title,
@@ -130,12 +132,17 @@ class ReceiveListener:
         The stage's association slot folder (:class:`AssociationSlots`).
     parent : int
         The stage process; this one exits when it dies.
+    index : int
+        This listener's number (1 to ``dicom.receivers - 1``).
     """
 
     name: StageName = "receive"
 
-    def __init__(self, settings: Settings, *, fd: int, slots: Path, parent: int) -> None:
+    def __init__(
+        self, settings: Settings, *, fd: int, slots: Path, parent: int, index: int
+    ) -> None:
         self.settings = settings
+        self.index = index
         self.fd = fd
         self.slots = slots
         self.parent = parent
@@ -150,6 +157,7 @@ class ReceiveListener:
             s,
             sessions,
             listen_socket=inherited_socket(self.fd),
+            board=LoadBoard(self.slots, self.index, s.dicom.receivers),
             slots=AssociationSlots(self.slots, s.dicom.maximum_associations),
         )
 
