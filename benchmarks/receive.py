@@ -88,13 +88,15 @@ def _copy(base: list[Dataset], folder: Path) -> list[Path]:
     return write_series(base, folder)
 
 
-def _qgate_config(work: Path, name: str, args: argparse.Namespace, internals: list[str]) -> Any:
+def _qgate_config(
+    work: Path, name: str, args: argparse.Namespace, receivers: int, internals: list[str]
+) -> Any:
     return {
         "dicom": {
             "ae_title": "QGATE",
             "host": "127.0.0.1",
             "port": free_port(),
-            "receivers": args.receivers,
+            "receivers": receivers,
             "internals": internals,
         },
         # Long enough that assembly does not compete with receiving during the run.
@@ -104,13 +106,17 @@ def _qgate_config(work: Path, name: str, args: argparse.Namespace, internals: li
     }
 
 
-def _variants(args: argparse.Namespace) -> dict[str, list[str]]:
-    """qgate variant name -> the internals it keeps."""
+def _variants(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
+    """qgate variant name -> its receiver processes and the internals it keeps."""
     every = list(RECEIVE_INTERNALS)
+    first, *more = args.receivers
     off = [*RECEIVE_INTERNALS, "none"] if args.ablation else list(args.without)
-    out = {"qgate": every}
+    out = {"qgate": (first, every)}
+    for n in more:
+        out[f"qgate x{n}"] = (n, every)
     for name in off:
-        out[f"qgate -{name}"] = [] if name == "none" else [i for i in every if i != name]
+        keep = [] if name == "none" else [i for i in every if i != name]
+        out[f"qgate -{name}"] = (first, keep)
     return out
 
 
@@ -122,7 +128,13 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4, help="simultaneous associations")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--receivers", type=int, default=2, help="qgate dicom.receivers")
+    ap.add_argument(
+        "--receivers",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="qgate dicom.receivers; more values add variants (the first is the reference)",
+    )
     ap.add_argument("--no-fsync", action="store_true", help="qgate without fsync (not the default)")
     ap.add_argument(
         "--without",
@@ -157,15 +169,17 @@ def main() -> None:
         )
         qgates: dict[str, QgateProcess] = {}
         try:
-            for name, internals in _variants(args).items():
-                cfg = _qgate_config(work, name.replace(" ", ""), args, internals)
+            for name, (n, internals) in _variants(args).items():
+                cfg = _qgate_config(work, name.replace(" ", ""), args, n, internals)
                 q = QgateProcess(work / name.replace(" ", ""), cfg, command=["receive"])
                 q.cli("db", "upgrade")
                 qgates[name] = q.start()
             # Every listener process up before the clock starts.
             deadline = time.monotonic() + 60
+            variants = _variants(args)
             while time.monotonic() < deadline and any(
-                q.log().count("stage receive running") < args.receivers for q in qgates.values()
+                q.log().count("stage receive running") < variants[name][0]
+                for name, q in qgates.items()
             ):
                 time.sleep(0.2)
             receivers = [Receiver(n, q.port, "QGATE") for n, q in qgates.items()]
@@ -206,7 +220,7 @@ def _report(
     )
     print(
         f"series: {args.size}x{args.size} CT, {mb / args.slices:.2f} MB per instance, "
-        f"{args.reps} reps, qgate receivers {args.receivers}, fsync "
+        f"{args.reps} reps, qgate receivers {args.receivers[0]}, fsync "
         f"{'off' if args.no_fsync else 'on'}; load average (1 min) {load_start[0]:.2f} at "
         f"start, {load_end[0]:.2f} at end"
     )
