@@ -107,6 +107,26 @@ def score_series(
     """
     t0 = time.perf_counter()
     loaded = load_series(paths)
+    return score_loaded(loaded, scorers, thresholds, decode_seconds=time.perf_counter() - t0)
+
+
+def score_loaded(
+    loaded: LoadedSeries,
+    scorers: Sequence[Scorer],
+    thresholds: Sequence[Threshold],
+    *,
+    decode_seconds: float = 0.0,
+) -> ScoredSeries:
+    """:func:`score_series` on a series already loaded (decoded ahead by the worker).
+
+    ``seconds`` of the result is ``decode_seconds`` plus the time spent here.
+
+    Raises
+    ------
+    NothingScored
+        Every scorer raised.
+    """
+    t0 = time.perf_counter() - decode_seconds
     outputs: dict[str, ScoreOutput] = {}
     skipped: list[SkippedPart] = []
     for scorer in scorers:

@@ -5,7 +5,9 @@ Workers claim a job under a lease: on PostgreSQL the oldest claimable row is sel
 conditional ``UPDATE ... WHERE state = 'queued'``. A lease that lapses (worker crashed or
 hung, on whichever node) puts the job back; so does a restart of the worker that held it.
 ``attempts`` counts claims, so a job that keeps killing its worker is parked after
-``max_attempts`` like one that keeps raising.
+``max_attempts`` like one that keeps raising. A job a worker decoded ahead and holds while
+it scores another (:mod:`qgate.score.prefetch`) does not count while it waits
+(:func:`set_aside`, :func:`count_attempt`): a crash meanwhile is not its doing.
 """
 
 from __future__ import annotations
@@ -123,6 +125,34 @@ def renew(session: Session, job: Job, *, owner: str, lease_seconds: float) -> bo
     return n == 1
 
 
+def set_aside(session: Session, job: Job, *, owner: str) -> bool:
+    """``job`` was decoded ahead and waits for its worker: its claim stops counting as an
+    attempt until :func:`count_attempt`. False if the job is no longer ours. Commits.
+
+    A worker that dies while the job waits (killed by the job it was scoring) then leaves
+    its attempts as they were before the claim, so a job that only waited is never parked
+    for another job's crashes; a crash while it is decoded or scored still counts.
+    """
+    n = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == "running", Job.lease_owner == owner)
+        .values(attempts=Job.attempts - 1)
+    ).rowcount
+    session.commit()
+    return n == 1
+
+
+def count_attempt(session: Session, job: Job, *, owner: str) -> bool:
+    """Count the attempt of a job set aside (:func:`set_aside`) again, as its model work
+    starts; in the caller's transaction. False if the job is no longer ours."""
+    n = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == "running", Job.lease_owner == owner)
+        .values(attempts=Job.attempts + 1)
+    ).rowcount
+    return n == 1
+
+
 def finish(session: Session, job: Job, *, owner: str, detail: str = "done") -> bool:
     """Mark ``job`` done inside the caller's transaction; False if we lost the lease."""
     n = session.execute(
@@ -190,8 +220,9 @@ def fail(
     return state
 
 
-def release_owner(session: Session, owner: str) -> int:
-    """Put back every running job held by ``owner`` (this node, before a restart). Commits."""
+def release_owner(session: Session, owner: str, *, why: str = "after restart") -> int:
+    """Put back every running job held by ``owner`` (this node, before a restart; a worker
+    stopping, with the jobs it decoded ahead). Commits."""
     jobs = session.scalars(
         select(Job).where(Job.state == "running", Job.lease_owner == owner)
     ).all()
@@ -213,7 +244,7 @@ def release_owner(session: Session, owner: str) -> int:
             STAGE,
             "requeued",
             series_uid=job.series_instance_uid,
-            detail=f"job {job.id} after restart",
+            detail=f"job {job.id} {why}",
         )
     session.commit()
     return len(jobs)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,10 @@ class SeriesLoadError(Exception):
     def __init__(self, message: str, skipped: list[tuple[Path, str]] | None = None) -> None:
         super().__init__(message)
         self.skipped = list(skipped or [])
+
+    def __reduce__(self) -> tuple[type[SeriesLoadError], tuple[str, list[tuple[Path, str]]]]:
+        # Raised in a decoder process (qgate.score.prefetch), it crosses back with its reasons.
+        return (type(self), (str(self), self.skipped))
 
 
 @dataclass
@@ -256,8 +260,21 @@ def _check_instance(ds: Dataset) -> str | None:
 # -------------------------------------------------------------------------- loading
 
 
+#: Makes the float32 volume of ``load_series``: given its shape, an uninitialised array
+#: (page-locked memory for a GPU, shared memory for another process).
+Allocator = Callable[[tuple[int, int, int]], np.ndarray]
+
+
+def empty_volume(shape: tuple[int, int, int]) -> np.ndarray:
+    """The default :data:`Allocator`: ``np.empty`` of float32."""
+    return np.empty(shape, dtype=np.float32)
+
+
 def load_series(
-    paths: Sequence[str | os.PathLike[str]], *, max_voxels: int = MAX_VOXELS
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    max_voxels: int = MAX_VOXELS,
+    allocate: Allocator = empty_volume,
 ) -> LoadedSeries:
     """Load the CT instances in ``paths`` as one HU volume.
 
@@ -267,6 +284,9 @@ def load_series(
         The instance files of one series (a file of another series is skipped).
     max_voxels : int, optional
         Refuse (``SeriesLoadError``) to allocate a larger volume.
+    allocate : callable, optional
+        Makes the volume (C-contiguous float32 of the given shape); default ``np.empty``.
+        With instances left out, ``volume.hu`` is the leading part of what it returned.
 
     Returns
     -------
@@ -305,7 +325,9 @@ def load_series(
             f"series too large: {len(frames)} x {rows} x {cols} voxels > {max_voxels}", skipped
         )
 
-    hu = np.empty((len(frames), rows, cols), dtype=np.float32)
+    hu = allocate((len(frames), rows, cols))
+    if hu.shape != (len(frames), rows, cols) or hu.dtype != np.float32:
+        raise TypeError(f"allocate returned {hu.dtype} {hu.shape}, not float32 of that shape")
     slot_of = {id(frames[i]): s for s, i in enumerate(order)}
     valid = np.zeros(len(frames), dtype=bool)
     first_slot = {}

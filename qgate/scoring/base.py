@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class SeriesVolume:
     sop_class_uid: str
     # Free-form acquisition hints (kernel, kVp, mAs, window) that some scorers use.
     acquisition: dict[str, Any] = field(default_factory=dict)
+    # ``hu`` already copied to the scoring device (the worker stages it while the previous
+    # series is scored: qgate.score.prefetch); a scorer on that device reads this instead
+    # of copying ``hu`` again. None: host memory only.
+    device_hu: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:
@@ -43,6 +50,10 @@ class SeriesVolume:
         for name in ("slice_positions", "sop_instance_uids", "frame_numbers"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} slices")
+        if self.device_hu is not None and tuple(self.device_hu.shape) != self.hu.shape:
+            raise ValueError(
+                f"device_hu has shape {tuple(self.device_hu.shape)}, hu {self.hu.shape}"
+            )
 
     @property
     def n_slices(self) -> int:

@@ -29,7 +29,9 @@ Serving
   channels_last on CPU, where oneDNN's fp32 convolutions are ~1.3x faster with it.
   Chest CT-IQA's quality module (a 4-term linear fit) is evaluated in fp32 either way.
 - Everything under ``torch.inference_mode`` (:func:`qgate.models.preprocess.inference_context`),
-  in batches of ``config.batch_size`` slices.
+  in batches of ``config.batch_size`` slices (unset: 16 on CPU, 64 on CUDA). A volume the
+  worker staged on the device (``SeriesVolume.device_hu``, :mod:`qgate.score.prefetch`) is
+  read there; otherwise each model copies its slices from host memory.
 - Preprocessing is the models' own, shared with training: :func:`qgate.models.mdiqa.mdiqa_crops`
   (native-resolution crops on the body, two windows) with
   :func:`qgate.models.mdiqa.resolve_data_config`, the crops' distributions pooled by
@@ -116,6 +118,10 @@ __all__ = [
 #: Where the trained weights ship (:data:`qgate.core.families.SHIPPED_WEIGHTS_DIR`).
 DEFAULT_WEIGHTS_DIR = SHIPPED_WEIGHTS_DIR
 _VERSION = "1.0.0"
+#: Slices per forward pass of the per-slice models when ``batch_size`` is unset. On CPU
+#: larger batches are no faster; on CUDA they keep the device busy (benchmarks/score.py).
+CPU_BATCH_SIZE = 16
+CUDA_BATCH_SIZE = 64
 _QUALITY_DISPLAY = (0.0, 1.0)
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -347,9 +353,35 @@ class _LearnedScorer:
 
 def _take(hu: np.ndarray, index: np.ndarray) -> np.ndarray:
     """The slices at ``index`` as float32: a view when that is every slice, else a copy."""
-    if len(index) == len(hu):
+    if len(index) == len(hu) and np.array_equal(index, np.arange(len(hu))):
         return np.asarray(hu, dtype=np.float32)
     return np.ascontiguousarray(hu[index], dtype=np.float32)
+
+
+def _model_input(
+    volume: SeriesVolume, index: np.ndarray, device: torch.device
+) -> np.ndarray | torch.Tensor:
+    """The slices at ``index`` for a model on ``device``: taken from the volume's copy on
+    that device when the worker staged one (no second host-to-device copy), else from
+    host memory (:func:`_take`; the model's own code copies them over)."""
+    staged = volume.device_hu
+    if staged is None or staged.device.type != device.type:
+        return _take(volume.hu, index)
+    if device.index is not None and staged.device.index != device.index:
+        return _take(volume.hu, index)
+    if len(index) == len(staged) and np.array_equal(index, np.arange(len(staged))):
+        return staged
+    import torch
+
+    return staged.index_select(0, torch.from_numpy(np.asarray(index, np.int64)).to(device))
+
+
+def _batch_size(config: SliceScorerConfig, device: torch.device) -> int:
+    """Slices per forward pass: ``config.batch_size``, or unset: :data:`CPU_BATCH_SIZE`
+    on CPU, :data:`CUDA_BATCH_SIZE` on CUDA."""
+    if config.batch_size is not None:
+        return config.batch_size
+    return CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
 
 
 def _with_nan(n: int, index: np.ndarray, values: np.ndarray, digits: int = 4) -> list[float]:
@@ -377,20 +409,25 @@ class MDIQAScorer(_LearnedScorer):
         if self.device.type == "cuda":
             self.model.to(memory_format=_channels_last())
 
-    def predict(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, hu: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(soft, argmax) scores of HU slices (S, H, W), batched on the model's device."""
         import torch
 
         from qgate.models.mdiqa import mdiqa_crops, pool_crop_logits, predict_argmax, predict_soft
         from qgate.models.preprocess import device_layout, inference_context
 
-        bs = self.config.batch_size
+        bs = _batch_size(self.config, self.device)
         max_score = self.mdiqa.cfg.max_score
         soft: list[torch.Tensor] = []
         hard: list[torch.Tensor] = []
         with inference_context(self.device, amp=self.cuda_amp), self._cpu_autocast():
             for s in range(0, len(hu), bs):
-                batch = torch.from_numpy(np.ascontiguousarray(hu[s : s + bs], np.float32))
+                part = hu[s : s + bs]
+                batch = (
+                    part
+                    if isinstance(part, torch.Tensor)
+                    else torch.from_numpy(np.ascontiguousarray(part, np.float32))
+                )
                 # (b, n, C, S, S): the slice's native-resolution crops (training's policy).
                 crops = mdiqa_crops(batch.to(self.device, non_blocking=True), self.data_config)
                 b, n = crops.shape[:2]
@@ -403,7 +440,7 @@ class MDIQAScorer(_LearnedScorer):
     def score(self, volume: SeriesVolume) -> ScoreOutput:
         n = volume.n_slices
         idx = subsample_indices(n, self.config.max_slices)
-        soft, hard = self.predict(_take(volume.hu, idx))
+        soft, hard = self.predict(_model_input(volume, idx, self.device))
         return ScoreOutput(
             series={
                 "score": round(float(np.mean(soft)), 4),
@@ -452,19 +489,19 @@ class N2QScorer(_LearnedScorer):
 
         n = volume.n_slices
         idx = subsample_indices(n, self.config.max_slices)
-        hu = _take(volume.hu, idx)
         with self._cpu_autocast():
             pred = predict_n2q(
                 self.n2q,
-                hu,
+                _model_input(volume, idx, self.device),
                 None,
-                batch_size=self.config.batch_size,
+                batch_size=_batch_size(self.config, self.device),
                 amp=self.cuda_amp,
                 map_size="model",
             )
         assert pred.maps is not None
         maps = np.clip(pred.maps.astype(np.float32, copy=False), 0.0, 1.0)  # (k, size, size)
         size = maps.shape[-2:]
+        hu = _take(volume.hu, idx)
         f = mask_scale(hu.shape)
         coarse = body_mask(block_mean(hu, f)).astype(np.float32)
         body = resize2d(torch.from_numpy(coarse), (int(size[0]), int(size[1])), mode="area")
@@ -533,9 +570,10 @@ class ChestIQAScorer(_LearnedScorer):
         # Pick the model's slices here, so only they are converted and moved to the device;
         # prepare_chest_input then takes them all in order (depth_indices(d, d) is 0..d-1).
         idx = depth_indices(volume.n_slices, data.depth, data.depth_mode)
-        hu = np.ascontiguousarray(volume.hu[idx], np.float32)
         with self._cpu_autocast():
-            pred = predict_chestiqa(self.chest, hu, amp=self.cuda_amp)
+            pred = predict_chestiqa(
+                self.chest, _model_input(volume, idx, self.device), amp=self.cuda_amp
+            )
         # The quality module in fp32, whatever precision the network ran in.
         with torch.inference_mode():
             feats = torch.tensor([pred.features], dtype=torch.float32, device=self.device)
