@@ -477,8 +477,9 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     """Registered versions, and what each model kind serves now."""
     from qgate.registry import active_weights, list_versions
 
-    with _sessions(_settings(ctx))() as session:
-        serving = active_weights(session)
+    settings = _settings(ctx)
+    with _sessions(settings)() as session:
+        serving = active_weights(session, root=settings.storage.root)
         rows = [
             {
                 "model": v.model,
@@ -508,9 +509,10 @@ def models_activate(ctx: click.Context, version: str) -> None:
     """Serve VERSION from the next scoring job on (use an older version to roll back)."""
     from qgate.registry import RegistryError, activate
 
-    with _sessions(_settings(ctx))() as session:
+    settings = _settings(ctx)
+    with _sessions(settings)() as session:
         try:
-            row = activate(session, version)
+            row = activate(session, version, root=settings.storage.root)
         except RegistryError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"{row.model}: now serving {row.version}")

@@ -440,6 +440,12 @@ class RetrainConfig(BaseModel):
     # Refit Chest CT-IQA's linear quality module on the reviewed scores (mapped to 1-10).
     refit_chestiqa: bool = True
     seed: int = 0
+    # The training process the service runs (qgate.retrain.child), before its --labels
+    # and --out arguments; unset: this Python's `-m training.cli retrain` (qgate-train
+    # retrain). Set it to run the training in another environment, e.g. one with CUDA.
+    command: list[str] | None = None
+    # A training process still running after this long is stopped; the run fails.
+    timeout_hours: float = Field(6.0, gt=0)
 
     @field_validator("cron")
     @classmethod

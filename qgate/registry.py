@@ -4,12 +4,20 @@ The shipped weights (``qgate/weights/*.safetensors``) are the implicit version
 ``<model>-shipped`` until a trained version is activated. Activating is a single
 transaction (one active row per model), and the worker notices the change between jobs
 and reloads its scorers, so promotion and rollback never drop a job.
+
+``model_versions.path`` is stored as the other paths of the store are
+(:mod:`qgate.storage`): relative to ``storage.root`` when the file is under it (a
+retraining run's ``models/run-<id>/mdiqa.safetensors``), so that every node resolves it
+on its own mount of the shared storage; ``shipped:<file>`` for the shipped weights, which
+every node has in its own installation; else absolute (a configured file elsewhere).
+Every function that reads or writes a path takes the node's ``root``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +25,14 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from qgate.core.families import FAMILIES, FAMILY_NAMES, family, is_family
+from qgate.config import Settings
+from qgate.core.families import FAMILIES, FAMILY_NAMES, SHIPPED_WEIGHTS_DIR, family, is_family
 from qgate.db.models import ModelVersion, utcnow
 from qgate.events import record
+from qgate.storage import to_local, to_stored
+
+#: How ``model_versions.path`` names a file of the shipped weights folder.
+SHIPPED_PREFIX = "shipped:"
 
 
 class RegistryError(Exception):
@@ -45,17 +58,34 @@ def shipped_path(model: str) -> Path:
     return family(model).shipped_weights
 
 
+def stored_weights_path(path: Path, root: Path) -> str:
+    """``path`` as ``model_versions.path`` keeps it (see the module docstring)."""
+    absolute = Path(os.path.abspath(path))
+    if absolute.parent == SHIPPED_WEIGHTS_DIR:
+        return SHIPPED_PREFIX + absolute.name
+    return to_stored(absolute, root)
+
+
+def local_weights_path(stored: str, root: Path) -> Path:
+    """The file a stored ``model_versions.path`` names on this node."""
+    if stored.startswith(SHIPPED_PREFIX):
+        return SHIPPED_WEIGHTS_DIR / stored.removeprefix(SHIPPED_PREFIX)
+    return to_local(stored, root)
+
+
 def register_version(
     session: Session,
     *,
     model: str,
     path: Path,
+    root: Path,
     parent: str | None,
     data_snapshot: dict[str, Any],
     metrics: dict[str, Any],
     now: dt.datetime | None = None,
 ) -> ModelVersion:
-    """Record a new (inactive) version of ``model`` stored at ``path``. Does not commit."""
+    """Record a new (inactive) version of ``model`` stored at ``path``, kept relative to
+    ``root`` (``storage.root``) when under it. Does not commit."""
     if not is_family(model):
         raise RegistryError(f"unknown model kind {model!r}; expected one of {FAMILY_NAMES}")
     if not path.is_file():
@@ -67,7 +97,7 @@ def register_version(
         model=model,
         version=version,
         parent=parent,
-        path=str(path.resolve()),
+        path=stored_weights_path(path, root),
         sha256=digest,
         data_snapshot=data_snapshot,
         metrics=metrics,
@@ -86,12 +116,12 @@ def list_versions(session: Session, model: str | None = None) -> list[ModelVersi
     return list(session.scalars(q))
 
 
-def activate(session: Session, version: str) -> ModelVersion:
+def activate(session: Session, version: str, *, root: Path) -> ModelVersion:
     """Make ``version`` the active one of its model (checksum verified). Commits."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
         raise RegistryError(f"no such model version: {version}")
-    path = Path(row.path)
+    path = local_weights_path(row.path, root)
     if not path.is_file() or sha256_file(path) != row.sha256:
         raise RegistryError(f"weights of {version} are missing or do not match their checksum")
     session.execute(
@@ -105,9 +135,53 @@ def activate(session: Session, version: str) -> ModelVersion:
     return row
 
 
-def active_weights(session: Session) -> dict[str, ActiveWeights]:
+def active_weights(session: Session, *, root: Path) -> dict[str, ActiveWeights]:
     """The weights each model kind should serve now: the active version, else shipped."""
     out = {f.name: ActiveWeights(f.name, f.shipped_version, f.shipped_weights) for f in FAMILIES}
     for row in session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))):
-        out[row.model] = ActiveWeights(row.model, row.version, Path(row.path))
+        out[row.model] = ActiveWeights(row.model, row.version, local_weights_path(row.path, root))
     return out
+
+
+def serving_weights(settings: Settings, session: Session) -> dict[str, ActiveWeights]:
+    """What each model serves: the registry's active version, else the configured file
+    (``scoring.<model>.weights``, version ``<model>-configured``), else the shipped one."""
+    out = active_weights(session, root=settings.storage.root)
+    for model, a in out.items():
+        configured = settings.scoring.learned(model).weights
+        if a.version == family(model).shipped_version and configured is not None:
+            out[model] = ActiveWeights(model, f"{model}-configured", Path(configured))
+    return out
+
+
+def is_registered(weights: ActiveWeights) -> bool:
+    """Whether ``weights`` is a registry version (not the shipped or configured file)."""
+    return not weights.version.endswith(("-shipped", "-configured"))
+
+
+def register_serving(session: Session, weights: ActiveWeights, *, root: Path) -> str:
+    """The registry version of serving ``weights``; shipped or configured files are
+    registered first (inactive), so that ``qgate models activate`` can roll back to them.
+    Does not commit."""
+    if is_registered(weights):
+        return weights.version
+    digest = sha256_file(weights.path)
+    row = session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.model == weights.model,
+            ModelVersion.sha256 == digest,
+            ModelVersion.path == stored_weights_path(weights.path, root),
+        )
+    )
+    if row is None:
+        row = register_version(
+            session,
+            model=weights.model,
+            path=weights.path,
+            root=root,
+            parent=None,
+            data_snapshot={"source": weights.version},
+            metrics={},
+        )
+        session.flush()
+    return row.version

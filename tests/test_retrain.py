@@ -20,8 +20,9 @@ from qgate.assemble import queue_complete_series
 from qgate.cli import main
 from qgate.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
 from qgate.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
-from qgate.registry import activate, active_weights, sha256_file
-from qgate.retrain import _load, _paths, decide, reviewed_labels, run_retrain, split_groups
+from qgate.registry import activate, active_weights, local_weights_path, sha256_file
+from qgate.retrain import decide, reviewed_labels, run_retrain, split_groups
+from qgate.retrain.labels import series_paths
 from qgate.score.worker import Worker
 from qgate.web import create_app
 from tests.support.web import add_user, login, scored_series, spool_series
@@ -108,8 +109,9 @@ def test_promote_hot_reload_and_rollback(
     with sessions() as s:
         run = s.get(TrainingRun, out["run_id"])
         assert run is not None and run.status == "promoted" and run.promoted
+        assert run.promoted_models == out["promoted_models"] == ["mdiqa"]
         assert run.metrics["candidate"]["mae"] == out["candidate"]["mae"]
-        serving = active_weights(s)["mdiqa"]
+        serving = active_weights(s, root=settings.storage.root)["mdiqa"]
         assert serving.version == out["candidate_version"]
         assert serving.path.parent == settings.storage.root / "models" / f"run-{run.id}"
         parent = s.scalar(select(ModelVersion).where(ModelVersion.version == run.current_version))
@@ -122,7 +124,7 @@ def test_promote_hot_reload_and_rollback(
 
     # Rollback: activate the parent; the worker follows between jobs.
     with sessions() as s:
-        activate(s, out["current_version"])
+        activate(s, out["current_version"], root=settings.storage.root)
     assert _score_one(worker, settings, sessions, seed=22) == shipped_tag
     assert worker.serving == {"mdiqa": out["current_version"]}
 
@@ -154,7 +156,7 @@ def test_rejected_below_margin_and_not_enough_data(
             select(ModelVersion).where(ModelVersion.version == outcome.candidate_version)
         )
         assert cand is not None and not cand.active
-        assert active_weights(s)["mdiqa"].version == "mdiqa-shipped"
+        assert active_weights(s, root=settings.storage.root)["mdiqa"].version == "mdiqa-shipped"
         runs = s.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
         assert [r.status for r in runs] == ["rejected", "rejected"]
 
@@ -198,6 +200,7 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
     folder joins training and held-out sets, and the training-runs page plots the run."""
     from qgate.models import predict_chestiqa
     from qgate.scoring.learned import load_model
+    from training.retrain import load_slices
 
     sim, counts = _simulated(tmp_path / "sim")
     assert counts["train"] > 0 and counts["test"] > 0
@@ -230,18 +233,19 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
             chest.metrics["current"] == cur
             and chest.data_snapshot["simulated"]["test"] == counts["test"]
         )
-        serving = active_weights(s)["chestiqa"]
+        serving = active_weights(s, root=settings.storage.root)["chestiqa"]
         labels = reviewed_labels(s)
         held = {
-            uid: _load(_paths(s, uid, settings.storage.root), 3, keep_full=True)[1]
+            uid: load_slices(series_paths(s, uid, settings.storage.root), 3, keep_full=True)[1]
             for uid in out["data"]["held_out_series"]
         }
     chest_should_serve = out["promoted"] and cand["mae"] <= cur["mae"]
     assert (serving.version == chest.version) is chest_should_serve
     assert ("Chest CT-IQA refit promoted too" in out["reason"]) is chest_should_serve
+    assert ("chestiqa" in out["promoted_models"]) is chest_should_serve
 
     # The stored weights carry the refit exactly, and reproduce the held-out MAE.
-    model = load_model("chestiqa", Path(chest.path))
+    model = load_model("chestiqa", local_weights_path(chest.path, settings.storage.root))
     assert model.quality.coef.tolist() == pytest.approx(cand["coef"], abs=1e-5)
     assert float(model.quality.intercept) == pytest.approx(cand["intercept"], abs=1e-5)
     errors = [
@@ -264,3 +268,38 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
     assert cell is not None
     polylines = re.findall(r'<polyline points="([^"]+)"', cell.group(1))
     assert [len(p.split()) for p in polylines] == [steps, steps]
+
+
+def test_the_training_runs_as_a_child_process_whose_failure_fails_only_the_run(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """The service exports the labels (the held-out split is its own) and runs
+    ``retrain.command``; a training process that dies, or leaves no result file, fails
+    the run with its last words, and nothing is registered."""
+    import sys
+
+    from qgate.retrain.contract import LABELS_FILE, TrainRequest
+
+    settings = _settings(settings, margin=0.0, scorers=["noise"])
+    _reviewed(settings, sessions)
+    crash = "import sys; print('RuntimeError: CUDA out of memory'); sys.exit(3)"
+    settings.retrain.command = [sys.executable, "-c", crash]
+    outcome = run_retrain(settings, sessions, trigger="cli")
+    assert (outcome.status, outcome.promoted, outcome.candidate_version) == ("failed", False, None)
+    assert "exited with status 3: RuntimeError: CUDA out of memory" in outcome.reason
+
+    run_dir = settings.storage.root / "models" / f"run-{outcome.run_id}"
+    request = TrainRequest.model_validate_json((run_dir / LABELS_FILE).read_text())
+    assert request.run_id == outcome.run_id and request.chestiqa is None
+    assert len(request.train) == 2 and len(request.held_out) == 2  # 4 patients, 0.34 held
+    assert {r.uid for r in request.held_out}.isdisjoint(r.uid for r in request.train)
+    assert all(p.is_absolute() and p.is_file() for r in request.train for p in r.paths)
+
+    settings.retrain.command = [sys.executable, "-c", "pass"]  # exits 0, writes nothing
+    silent = run_retrain(settings, sessions, trigger="cli")
+    assert silent.status == "failed" and "no valid result.json" in silent.reason
+    with sessions() as s:
+        runs = s.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
+        assert [(r.status, r.promoted_models) for r in runs] == [("failed", []), ("failed", [])]
+        assert runs[0].artifacts_dir == f"models/run-{runs[0].id}"  # relative to the root
+        assert s.scalar(select(ModelVersion).where(ModelVersion.parent.is_not(None))) is None

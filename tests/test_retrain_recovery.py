@@ -16,13 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.config import Settings
 from qgate.db.models import Event, TrainingRun, utcnow
-from qgate.retrain import (
-    _ACTIVE_RUNS,
-    _process_start,
-    recover_interrupted_runs,
-    run_owner,
-    run_retrain,
-)
+from qgate.retrain import recover_interrupted_runs, run_retrain
+from qgate.retrain.runs import _ACTIVE_RUNS, _process_start, run_owner
 from qgate.web import create_app
 from tests.support.web import add_user, login
 

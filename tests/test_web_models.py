@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,15 +21,19 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def versions(tmp_path: Path, sessions: sessionmaker[Session]) -> tuple[str, str]:
-    """Two MD-IQA versions; the newer one serves."""
+def versions(settings: Settings, sessions: sessionmaker[Session]) -> tuple[str, str]:
+    """Two MD-IQA versions under the storage root (stored relative to it); the newer
+    one serves."""
     names = []
+    root = settings.storage.root
+    (root / "models").mkdir(parents=True, exist_ok=True)
     with sessions() as s:
         for i in range(2):
-            weights = tmp_path / f"mdiqa-{i}.safetensors"
+            weights = root / "models" / f"mdiqa-{i}.safetensors"
             weights.write_bytes(f"weights {i}".encode())
             row = register_version(
                 s,
+                root=root,
                 model="mdiqa",
                 path=weights,
                 parent=names[-1] if names else None,
@@ -40,7 +43,7 @@ def versions(tmp_path: Path, sessions: sessionmaker[Session]) -> tuple[str, str]
             )
             names.append(row.version)
         s.commit()
-        activate(s, names[1])
+        activate(s, names[1], root=root)
     return names[0], names[1]
 
 
@@ -131,13 +134,16 @@ def test_not_logged_in_is_refused(
 
 
 def test_weights_that_do_not_match_are_409_and_the_audit_row_rolls_back(
-    client: TestClient, sessions: sessionmaker[Session], versions: tuple[str, str]
+    client: TestClient,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    versions: tuple[str, str],
 ) -> None:
     old, new = versions
     with sessions() as s:
         path = s.scalar(select(ModelVersion.path).where(ModelVersion.version == old))
-    assert path is not None
-    Path(path).write_bytes(b"tampered")
+    assert path == "models/mdiqa-0.safetensors"  # relative to the storage root
+    (settings.storage.root / path).write_bytes(b"tampered")
     csrf = login(client, "boss")
     r = client.post(f"/api/models/{old}/activate", headers={"X-CSRF-Token": csrf})
     assert r.status_code == 409

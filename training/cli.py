@@ -249,7 +249,7 @@ def simulate(
 
 
 def _register() -> None:
-    """Attach the commands defined elsewhere (fit, evaluate, eval-ldctiqa)."""
+    """Attach the commands defined elsewhere (fit, evaluate, eval-ldctiqa, retrain)."""
     from training.commands import eval_ldctiqa, evaluate, fit
     from training.commands_dr import (
         build_chest_cmd,
@@ -258,6 +258,7 @@ def _register() -> None:
         fit_chest_cmd,
         fit_randomized_cmd,
     )
+    from training.retrain import retrain_cmd
 
     for cmd in (
         fit,
@@ -268,6 +269,7 @@ def _register() -> None:
         fit_randomized_cmd,
         fit_chest_cmd,
         evaluate_independent_cmd,
+        retrain_cmd,
     ):
         main.add_command(cmd)
 

@@ -53,8 +53,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(url: str, *, storage_root: Path | None = None) -> Config:
-    """Alembic's configuration for ``url``; ``storage_root`` lets migration 0006 make the
-    stored paths relative to it."""
+    """Alembic's configuration for ``url``; ``storage_root`` lets migrations 0006 and 0008
+    make the stored paths relative to it."""
     cfg = Config()
     if storage_root is not None:
         cfg.attributes["storage_root"] = str(storage_root)
@@ -66,7 +66,7 @@ def alembic_config(url: str, *, storage_root: Path | None = None) -> Config:
 
 def upgrade(url: str, revision: str = "head", *, storage_root: Path | None = None) -> None:
     """Bring the database at ``url`` up to ``revision``. Pass the node's ``storage_root``
-    so that paths recorded before migration 0006 are made relative to it."""
+    so that paths recorded before migrations 0006 and 0008 are made relative to it."""
     command.upgrade(alembic_config(url, storage_root=storage_root), revision)
 
 

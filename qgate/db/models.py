@@ -255,7 +255,7 @@ class AuditEntry(Base):
     remote_addr: Mapped[str | None] = mapped_column(String(64))
 
 
-# -- model registry and retraining (qgate/registry.py, qgate/retrain.py) -----------------------
+# -- model registry and retraining (qgate/registry.py, qgate/retrain/) -------------------------
 
 
 class ModelVersion(Base):
@@ -291,6 +291,9 @@ class TrainingRun(Base):
     candidate_version: Mapped[str | None] = mapped_column(String(64))
     current_version: Mapped[str | None] = mapped_column(String(64))
     promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The families whose candidate the run activated, e.g. ["mdiqa", "chestiqa"] (empty
+    # unless promoted); pages read this, not the reason.
+    promoted_models: Mapped[list[str]] = mapped_column(JSON, default=list)
     reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     artifacts_dir: Mapped[str | None] = mapped_column(Text)

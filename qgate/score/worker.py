@@ -323,7 +323,7 @@ class Worker(threading.Thread):
         """
         if not self._hot_reload:
             return False
-        from qgate.retrain import serving_weights
+        from qgate.registry import is_registered, serving_weights
 
         learned = [m for m in self.settings.scoring.scorers if m in LEARNED_SCORERS]
         with self.sessions() as session:
@@ -333,7 +333,7 @@ class Worker(threading.Thread):
             return False
         scoring = self.settings.scoring.model_copy(deep=True)
         for m in learned:
-            if not serving[m].version.endswith(("-shipped", "-configured")):
+            if is_registered(serving[m]):
                 getattr(scoring, m).weights = serving[m].path
         self.scorers = build_scorers(self.settings.model_copy(update={"scoring": scoring}))
         if self.serving:

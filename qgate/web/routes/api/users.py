@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -25,7 +26,7 @@ from qgate.users import (
     unlock_user,
 )
 from qgate.web import crud
-from qgate.web.deps import AdminUser, CurrentUser, SessionDep, client_addr
+from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr
 from qgate.web.schemas import AuditEntryPublic, AuditPage, Me, UserCreate, UserPublic
 from qgate.web.security import csrf_token
 
@@ -147,7 +148,7 @@ class ModelActivated(BaseModel):
 
 
 def activate_model(
-    session: Session, *, user: User, version: str, remote_addr: str | None
+    session: Session, *, root: Path, user: User, version: str, remote_addr: str | None
 ) -> tuple[ModelVersion, str]:
     """Serve ``version`` from the next scoring job on (:func:`qgate.registry.activate`, the
     checksum verified), audited as ``model_activate`` in the same transaction; commits.
@@ -156,7 +157,7 @@ def activate_model(
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
         raise crud.NotFound(f"no such model version: {version}")
-    previous = active_weights(session)[row.model].version
+    previous = active_weights(session, root=root)[row.model].version
     crud.audit(
         session,
         user=user,
@@ -165,7 +166,7 @@ def activate_model(
         remote_addr=remote_addr,
     )
     try:
-        return activate(session, version), previous  # commits the audit row with it
+        return activate(session, version, root=root), previous  # commits the audit row too
     except RegistryError:
         session.rollback()
         raise
@@ -173,14 +174,18 @@ def activate_model(
 
 @router.post("/models/{version}/activate", response_model=ModelActivated)
 def activate_model_version(
-    version: str, request: Request, session: SessionDep, user: AdminUser
+    version: str, request: Request, settings: SettingsDep, session: SessionDep, user: AdminUser
 ) -> ModelActivated:
     """Serve ``version`` of its model from the next scoring job on; an older version rolls
     back (audited). Admins only. 404 for an unknown version, 409 when its weights are
     missing or do not match their checksum."""
     try:
         row, previous = activate_model(
-            session, user=user, version=version, remote_addr=client_addr(request)
+            session,
+            root=settings.storage.root,
+            user=user,
+            version=version,
+            remote_addr=client_addr(request),
         )
     except crud.NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc

@@ -17,7 +17,6 @@ from qgate.core.families import ModelFamily, retrained
 from qgate.db.models import TrainingRun
 from qgate.registry import RegistryError, active_weights, list_versions
 from qgate.report.render import format_value
-from qgate.retrain import CHEST_PROMOTED
 from qgate.web import crud
 from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr
 from qgate.web.plots import LineChart, LineData, line_chart
@@ -59,10 +58,8 @@ def _value(metrics: Any, path: Sequence[str]) -> float | None:
 
 
 def _promoted(run: TrainingRun, family: ModelFamily) -> bool:
-    """Whether the run promoted that model (the chest refit goes along only when not worse)."""
-    if family.retrain == "refit_quality":
-        return run.promoted and CHEST_PROMOTED in (run.reason or "")
-    return run.promoted
+    """Whether the run promoted that family (the chest refit goes along only when not worse)."""
+    return family.name in (run.promoted_models or [])
 
 
 def comparison_charts(runs: Sequence[TrainingRun]) -> list[LineChart]:
@@ -117,7 +114,9 @@ def training_runs(
         metrics=METRICS,
         charts=comparison_charts(runs),
         losses={r.id: loss_chart(r) for r in runs},
-        serving={m: a.version for m, a in active_weights(session).items()},
+        serving={
+            m: a.version for m, a in active_weights(session, root=settings.storage.root).items()
+        },
         versions=list_versions(session),
         cron=settings.retrain.cron if settings.retrain.enabled else None,
     )
@@ -125,12 +124,16 @@ def training_runs(
 
 @router.post("/training/models/{version}/activate")
 def activate_version(
-    request: Request, session: SessionDep, user: AdminUser, version: str
+    request: Request, settings: SettingsDep, session: SessionDep, user: AdminUser, version: str
 ) -> Response:
     """Serve ``version`` from the next scoring job on (audited). Admins only."""
     try:
         row, previous = activate_model(
-            session, user=user, version=version, remote_addr=client_addr(request)
+            session,
+            root=settings.storage.root,
+            user=user,
+            version=version,
+            remote_addr=client_addr(request),
         )
     except (crud.NotFound, RegistryError) as exc:
         flash(request, "error", f"Not activated: {exc}")
