@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from qgate.core.families import FAMILIES
+
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -47,7 +49,7 @@ def _sources(
 
 
 @data.command("build")
-@click.option("--task", type=click.Choice(["mdiqa", "n2q", "chest"]), required=True)
+@click.option("--task", type=click.Choice([f.train_task for f in FAMILIES]), required=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True)
 @click.option("--n", "n", type=int, default=None, help="Samples (default per task).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import click
 
+from qgate.core.families import FAMILIES
+
 __all__ = ["eval_ldctiqa", "evaluate", "fit"]
 
-MODELS = ("mdiqa", "n2q", "chest")
+#: The ``--model`` choices: each family's train task (qgate.core.families).
+MODELS = tuple(f.train_task for f in FAMILIES)
 
 
 def _echo(msg: str) -> None:
