@@ -303,3 +303,53 @@ def test_the_training_runs_as_a_child_process_whose_failure_fails_only_the_run(
         assert [(r.status, r.promoted_models) for r in runs] == [("failed", []), ("failed", [])]
         assert runs[0].artifacts_dir == f"models/run-{runs[0].id}"  # relative to the root
         assert s.scalar(select(ModelVersion).where(ModelVersion.parent.is_not(None))) is None
+
+
+def test_the_training_stops_when_the_service_that_started_it_dies(tmp_path: Path) -> None:
+    """A training process outlives no crashed service: it is stopped with its parent."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from qgate.retrain.contract import PARENT_PID_ENV
+
+    pid_file = tmp_path / "training.pid"
+    child = (
+        "import os, time\n"
+        "from training.retrain import stop_with_parent\n"
+        "stop_with_parent()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    service = (
+        "import os, subprocess, sys, time\n"
+        f"env = {{**os.environ, {PARENT_PID_ENV!r}: str(os.getpid())}}\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", service])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the training process did not start"
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+    finally:
+        parent.kill()  # the service dies (SIGKILL: no clean-up of its own)
+        parent.wait()
+
+    def running() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = running()
+    if alive:
+        os.kill(pid, 9)
+    assert not alive, "the training process outlived the service that started it"

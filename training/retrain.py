@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -40,6 +42,7 @@ import click
 import numpy as np
 
 from qgate.retrain.contract import (
+    PARENT_PID_ENV,
     RESULT_FILE,
     FineTuned,
     HeldOut,
@@ -58,7 +61,15 @@ if TYPE_CHECKING:
 
     from qgate.models import MDIQA, ChestIQANet
 
-__all__ = ["compare_metrics", "fine_tune", "load_slices", "loss_curve", "retrain_cmd", "train"]
+__all__ = [
+    "compare_metrics",
+    "fine_tune",
+    "load_slices",
+    "loss_curve",
+    "retrain_cmd",
+    "stop_with_parent",
+    "train",
+]
 
 
 @dataclass
@@ -386,6 +397,30 @@ def _refit_chest(
     )
 
 
+def stop_with_parent() -> None:
+    """Stop when the service that started this process dies (``QGATE_RETRAIN_PARENT_PID``).
+
+    Linux: the kernel sends SIGTERM when the parent process exits (``PR_SET_PDEATHSIG``;
+    with a wrapper in ``retrain.command``, when the wrapper exits); a service already gone
+    before that was set is caught by its process ID. Elsewhere, or run by hand (no
+    variable), nothing changes.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:
+        sys.exit(f"the qgate process {parent} that started this training is gone")
+    except PermissionError:
+        pass  # alive, under another user
+
+
 @click.command("retrain")
 @click.option(
     "--labels",
@@ -403,6 +438,7 @@ def _refit_chest(
 )
 def retrain_cmd(labels: Path, out: Path) -> None:
     """Fine-tune MD-IQA (and refit Chest CT-IQA) for the service's nightly retraining."""
+    stop_with_parent()
     request = TrainRequest.model_validate_json(labels.read_text())
     out.mkdir(parents=True, exist_ok=True)
     result = train(request, out)

@@ -10,6 +10,7 @@ run is recorded failed with the last line the child wrote (its whole output stay
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from qgate.config import RetrainConfig
-from qgate.retrain.contract import LABELS_FILE, LOG_FILE, RESULT_FILE, TrainRequest, TrainResult
+from qgate.retrain.contract import (
+    LABELS_FILE,
+    LOG_FILE,
+    PARENT_PID_ENV,
+    RESULT_FILE,
+    TrainRequest,
+    TrainResult,
+)
 
 
 class TrainingFailed(RuntimeError):
@@ -61,6 +69,7 @@ def run_training(request: TrainRequest, run_dir: Path, cfg: RetrainConfig) -> Tr
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
                 timeout=cfg.timeout_hours * 3600,
                 check=False,
             )

@@ -29,6 +29,9 @@ LABELS_FILE = "labels.json"
 RESULT_FILE = "result.json"
 #: The training process's stdout and stderr.
 LOG_FILE = "train.log"
+#: The service's process ID, in the training process's environment: the training stops
+#: when that process dies (Linux), so no orphan trains on after a crash or a restart.
+PARENT_PID_ENV = "QGATE_RETRAIN_PARENT_PID"
 
 SCHEMA = 1
 
