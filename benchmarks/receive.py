@@ -7,7 +7,9 @@ Two scenarios, each repetition with fresh UIDs (neither side sees duplicates):
   series of ``--slices / --parallel`` instances.
 
 The time is storescu's wall clock (for the parallel scenario, from the first start to the
-last exit); instances/s = instances sent / time. One unmeasured warm-up send of each
+last exit); instances/s = instances sent / time. The receiver's CPU time
+(user + system, its child processes included) per instance is reported beside it: less
+exposed than the wall clock to other jobs on the host. One unmeasured warm-up send of each
 scenario goes to each receiver first, after the generated series are flushed to disk.
 Within a repetition the receivers take turns, the order rotating, so the host's speed
 drifting affects all of them alike.
@@ -55,7 +57,26 @@ class Receiver:
     name: str
     port: int
     aec: str
+    pid: int
     times: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its descendants (qgate's listener processes)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _cpu_seconds(int(child))
+    except FileNotFoundError:  # exited meanwhile
+        pass
+    return total
 
 
 def _storescu(port: int, aec: str, files: list[Path]) -> subprocess.Popen[str]:
@@ -68,15 +89,16 @@ def _storescu(port: int, aec: str, files: list[Path]) -> subprocess.Popen[str]:
     )
 
 
-def _send(rx: Receiver, batches: list[list[Path]]) -> float:
-    """Send each batch on its own association, all at once; seconds until the last ends."""
-    t0 = time.perf_counter()
+def _send(rx: Receiver, batches: list[list[Path]]) -> tuple[float, float]:
+    """Send each batch on its own association, all at once: seconds until the last ends,
+    and the receiver's CPU seconds meanwhile."""
+    cpu0, t0 = _cpu_seconds(rx.pid), time.perf_counter()
     procs = [_storescu(rx.port, rx.aec, files) for files in batches]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"storescu to {rx.name} failed: {err[-2000:]}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_seconds(rx.pid) - cpu0
 
 
 def _copy(base: list[Dataset], folder: Path) -> list[Path]:
@@ -182,17 +204,23 @@ def main() -> None:
                 for name, q in qgates.items()
             ):
                 time.sleep(0.2)
-            receivers = [Receiver(n, q.port, "QGATE") for n, q in qgates.items()]
-            receivers.append(Receiver("orthanc", archive.dicom_port, "ARCHIVE"))
+            receivers = [
+                Receiver(n, q.port, "QGATE", q.proc.pid)  # type: ignore[union-attr]
+                for n, q in qgates.items()
+            ]
+            orthanc_pid = archive._proc.pid  # type: ignore[union-attr]
+            receivers.append(Receiver("orthanc", archive.dicom_port, "ARCHIVE", orthanc_pid))
             for rx in receivers:
                 rx.times = {s: [] for s in scenarios}
+                rx.cpu = {s: [] for s in scenarios}
             for rep, batches in enumerate(sends):
                 for s in scenarios:
                     k = rep % len(receivers)
                     for rx in receivers[k:] + receivers[:k]:
-                        dt = _send(rx, batches[s])
+                        dt, cpu = _send(rx, batches[s])
                         if rep:  # rep 0 warms up
                             rx.times[s].append(dt)
+                            rx.cpu[s].append(cpu)
             expected = (args.reps + 1) * (args.slices + per * args.parallel)
             for name, q in qgates.items():
                 got = sum(r["instances"] for r in q.cli_json("results", "--json"))
@@ -226,16 +254,20 @@ def _report(
     )
     print()
     orthanc = receivers[-1]
-    print("| receiver | associations | median s | min s | instances/s | qgate/Orthanc |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| receiver | associations | median s | min s | instances/s | qgate/Orthanc "
+        "| receiver CPU ms/instance |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for s, label in scenarios.items():
         ref = statistics.median(orthanc.times[s])
         for rx in receivers:
             med = statistics.median(rx.times[s])
             ratio = f"{ref / med:.2f}x" if rx is not orthanc else ""
+            cpu = 1000 * statistics.median(rx.cpu[s]) / n[s]
             print(
                 f"| {rx.name} | {label} | {med:.3f} | {min(rx.times[s]):.3f} | "
-                f"{n[s] / med:.1f} | {ratio} |"
+                f"{n[s] / med:.1f} | {ratio} | {cpu:.2f} |"
             )
     print()
     for s, label in scenarios.items():
