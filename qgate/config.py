@@ -203,6 +203,14 @@ class QueueConfig(BaseModel):
     max_attempts: int = Field(3, ge=1)
     workers: int = Field(1, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
+    # Series each worker thread claims and decodes while it scores another, their leases
+    # renewed meanwhile (qgate/score/prefetch.py); 0: claim, decode and score one at a
+    # time. Unset: 1 on CPU; on CUDA one per decoder process.
+    prefetch: int | None = Field(None, ge=0)
+    # Processes that decode those series (DICOM parsing is single-threaded Python); 0:
+    # decode in threads of the worker process. Unset: 0 on CPU; on CUDA half the cores,
+    # at most 8.
+    decode_processes: int | None = Field(None, ge=0)
 
 
 class DispatchConfig(BaseModel):
@@ -310,8 +318,9 @@ class LearnedScorerConfig(BaseModel):
 class SliceScorerConfig(LearnedScorerConfig):
     """A learned scorer that reads one slice at a time (``mdiqa``, ``n2q``)."""
 
-    # Slices per forward pass.
-    batch_size: int = Field(16, ge=1)
+    # Slices per forward pass. Unset: 16 on CPU, 64 on CUDA (fills an H100 with the shipped
+    # models; benchmarks/score.py --batch-size measures others).
+    batch_size: int | None = Field(None, ge=1)
     # Score at most this many slices, evenly spaced, first and last always included (the
     # same spread as the SC images); the other slices get null per-slice values. 64
     # slices estimate a series mean closely and keep long series within the CPU budget.

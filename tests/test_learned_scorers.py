@@ -263,3 +263,22 @@ def test_pipeline_builds_from_settings(weights: dict[str, Path], volume: SeriesV
     assert set(js["chestiqa"]) >= {"window_class", "dose_class", "snr", "brisque", "score"}
     with pytest.raises(Exception, match="extra"):
         load_settings(path=None, scoring={"n2q": {"max_slice": 3}})
+
+
+@pytest.mark.parametrize("max_slices", [None, 3])
+def test_a_volume_staged_on_the_device_scores_as_host_memory(
+    weights: dict[str, Path], volume: SeriesVolume, max_slices: int | None
+) -> None:
+    # The worker stages volumes on CUDA (SeriesVolume.device_hu); here the "device" is
+    # the CPU, which takes the same path through the scorers (the tensor is their input).
+    staged = dataclasses.replace(volume, device_hu=torch.from_numpy(volume.hu.copy()))
+    for name in ("mdiqa", "n2q", "chestiqa"):
+        cfg = _slice_cfg(weights[name], max_slices) if name != "chestiqa" else None
+        scorer = create_scorer(
+            name, config=cfg or LearnedScorerConfig(weights=weights[name]), device="cpu"
+        )
+        host, on_device = scorer.score(volume), scorer.score(staged)
+        assert json.dumps(on_device.series) == json.dumps(host.series), name
+        assert json.dumps(on_device.slices) == json.dumps(host.slices), name
+        for a, b in zip(host.maps, on_device.maps, strict=True):
+            assert np.array_equal(a.values, b.values, equal_nan=True)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from qgate.config import Settings
 from qgate.queue import release_owner
 from qgate.schedule import start_scheduler
-from qgate.score.worker import Worker
+from qgate.score.worker import ServingModels, Worker
 from qgate.stage import StageName, open_store
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class WorkerStage:
                 n = release_owner(session, owner)
                 if n:
                     log.info("requeued %d job(s) left running by %s", n, owner)
-        self._workers = [Worker(s, sessions, owner=o) for o in owners]
+        # One copy of the models for the process, shared by its worker threads.
+        models = ServingModels(s, sessions, owner=f"{s.node_name}/worker-{self.slot}")
+        self._workers = [Worker(s, sessions, owner=o, models=models) for o in owners]
         for w in self._workers:
             w.start()
         from qgate.retrain import recover_interrupted_runs
