@@ -8,13 +8,19 @@ objects (SR, SC, PM) are not included. One warm-up run, then the median of ``--r
 runs; CPU time is the process's user + system time over the same runs (all threads), so
 CPU / wall > 1 means several cores were busy.
 
+The second table streams ``--stream`` series (the same files again) through the worker's
+pipeline (qgate.score.prefetch, as ``qgate worker`` runs it): series k + 1 is decoded,
+and on CUDA copied to the device from page-locked memory, while series k is scored;
+slices/s = slices of all the series / wall time from the first decode to the last
+result, after one unmeasured series. ``--prefetch`` and ``--decode-processes`` default
+to what the worker resolves for the device (``queue.prefetch``, ``queue.decode_processes``).
+
 The shipped weights (qgate/weights/) are used when present; otherwise (or with
 ``--random``) random-init weights of the chosen variants are written to a temporary folder
 and the output says so (the speed is that of the variant; the scores are meaningless).
 
     .venv/bin/python benchmarks/score.py --slices 200 --threads 2
-    .venv/bin/python benchmarks/score.py --device cuda --slices 512 --batch-size 64 \\
-        --max-slices all --variants mdiqa_small,n2q_small,chestiqa_small
+    .venv/bin/python benchmarks/score.py --device cuda --slices 512 --max-slices all
 """
 
 from __future__ import annotations
@@ -35,10 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from qgate.config import Settings, load_settings
-from qgate.pipeline import LEARNED_SCORERS, build_scorers, score_series
-from qgate.scoring.learned import default_weights_path, resolve_device
+from qgate.pipeline import LEARNED_SCORERS, build_scorers, score_loaded, score_series
+from qgate.score.prefetch import PipelineShape, Prefetcher, SeriesDecoder, adopt, pipeline_shape
+from qgate.scoring import Scorer
+from qgate.scoring.learned import (
+    CPU_BATCH_SIZE,
+    CUDA_BATCH_SIZE,
+    default_weights_path,
+    resolve_device,
+)
 from qgate.synth import make_ct_series, write_series
-from qgate.volume import load_series
+from qgate.volume import LoadedSeries, load_series
 
 _DEFAULT_VARIANTS = {"cpu": "tiny", "cuda": "small"}
 
@@ -82,6 +95,7 @@ def _settings(
         per_model[family] = cfg
     return load_settings(
         path=None,
+        queue={"prefetch": args.prefetch, "decode_processes": args.decode_processes},
         scoring={
             "scorers": scorers,
             "device": args.device,
@@ -103,6 +117,50 @@ def _time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def _stream(paths: list[Path], scorers: list[Scorer], shape: PipelineShape, count: int) -> float:
+    """Wall seconds to decode and score ``count`` series through the worker's pipeline."""
+    decoder = SeriesDecoder(processes=shape.decode_processes, device=shape.device)
+
+    def prepare(series: list[Path]) -> LoadedSeries | Exception:
+        try:
+            return decoder(series)
+        except Exception as exc:  # handed to the consumer, which raises it
+            return exc
+
+    def run(n: int) -> float:
+        todo = iter([paths] * n)
+        ahead = Prefetcher(
+            lambda: next(todo, None),
+            prepare,
+            depth=max(1, shape.prefetch),
+            poll_seconds=0.01,
+            name="bench",
+        )
+        t0 = time.perf_counter()
+        ahead.start()
+        try:
+            for _ in range(n):
+                loaded = None
+                while loaded is None:
+                    loaded = ahead.get(timeout=1.0)
+                if isinstance(loaded, Exception):
+                    raise loaded
+                adopt(loaded.volume)
+                score_loaded(loaded, scorers, [])
+                del loaded
+            if shape.device is not None:
+                torch.cuda.synchronize(shape.device)
+            return time.perf_counter() - t0
+        finally:
+            ahead.close()
+
+    try:
+        run(1)  # warm-up: decoder processes, CUDA kernels, page-locked blocks
+        return run(count)
+    finally:
+        decoder.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,7 +170,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per forward pass (default: the scorers' own, 16 on CPU and 64 on CUDA)",
+    )
     ap.add_argument("--fp32", action="store_true", help="amp off: fp32 on CPU and CUDA")
     ap.add_argument(
         "--random", action="store_true", help="random-init weights even if shipped ones exist"
@@ -126,6 +189,11 @@ def main() -> None:
         help="comma-separated entry points for random-init weights, e.g. mdiqa_tiny,"
         "n2q_tiny,chestiqa_tiny (default: tiny on CPU, small on CUDA)",
     )
+    ap.add_argument(
+        "--stream", type=int, default=4, help="series streamed through the pipeline (0: off)"
+    )
+    ap.add_argument("--prefetch", type=int, default=None, help="series decoded ahead")
+    ap.add_argument("--decode-processes", type=int, default=None, help="decoder processes")
     ap.add_argument(
         "--sets",
         default="mdiqa,n2q,chestiqa,all",
@@ -173,6 +241,8 @@ def main() -> None:
         wall, cpu = _time(lambda: load_series(paths), args.reps)
         rows.append(("decode only", wall, cpu))
         described: dict[str, dict[str, object]] = {}
+        streamed: list[tuple[str, float]] = []
+        shape: PipelineShape | None = None
         for s in sets:
             names = list(LEARNED_SCORERS) if s == "all" else s.split("+")
             settings = _settings(names, args, weights, variants)
@@ -182,7 +252,11 @@ def main() -> None:
                 if describe is not None:
                     described[sc.name] = describe()
             wall, cpu = _time(functools.partial(score_series, paths, scorers, []), args.reps)
-            rows.append((" + ".join(names) if s == "all" else s, wall, cpu))
+            label = " + ".join(names) if s == "all" else s
+            rows.append((label, wall, cpu))
+            if args.stream:
+                shape = pipeline_shape(settings)
+                streamed.append((label, _stream(paths, scorers, shape, args.stream)))
             del scorers
 
     print(f"# qgate scoring benchmark: decode to results ({time.perf_counter() - t0:.0f} s)")
@@ -198,7 +272,8 @@ def main() -> None:
         f"{torch.__version__}, device {device} ({gpu}), torch threads "
         f"{torch.get_num_threads()}"
     )
-    print(f"max_slices {args.max_slices}, batch size {args.batch_size}")
+    batch = args.batch_size or (CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
+    print(f"max_slices {args.max_slices}, batch size {batch}")
     for name, d in described.items():
         params = d["parameters"]
         assert isinstance(params, int)
@@ -217,6 +292,18 @@ def main() -> None:
             f"| {name} | {wall:.2f} | {wall / n:.4f} | {n / wall:.1f} | {cpu / n:.4f} | "
             f"{cpu / wall:.2f} |"
         )
+    if streamed and shape is not None:
+        print()
+        print(
+            f"Pipelined (the worker's decode-ahead): {args.stream} series of {n} slices, "
+            f"prefetch {shape.prefetch}, decoder processes {shape.decode_processes}, "
+            f"volumes staged on {shape.device or 'no device (host memory)'}"
+        )
+        print()
+        print("| scorers | s/series | slices/s, decode to results |")
+        print("| --- | ---: | ---: |")
+        for name, wall in streamed:
+            print(f"| {name} | {wall / args.stream:.2f} | {n * args.stream / wall:.1f} |")
 
 
 if __name__ == "__main__":
