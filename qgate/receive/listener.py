@@ -62,7 +62,11 @@ def listen_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> soc
     connection gets ``BlockingIOError`` instead of waiting in ``accept``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    # "::" takes IPv4 connections too, as pynetdicom's own socket does on Linux.
+    dualstack = host == "::" and socket.has_dualstack_ipv6()
+    sock = socket.create_server(
+        (host, port), family=family, backlog=backlog, dualstack_ipv6=dualstack
+    )
     sock.setblocking(False)
     return sock
 
