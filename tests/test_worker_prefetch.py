@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.assemble import queue_complete_series
 from qgate.config import QueueConfig, ScoringConfig, Settings, load_settings
 from qgate.db import Event, Job, Result, make_engine, make_session_factory
-from qgate.db.models import utcnow
+from qgate.db.models import Series, utcnow
+from qgate.queue import claim, count_attempt, enqueue_score, set_aside
 from qgate.score.prefetch import Prefetcher, SeriesDecoder
 from qgate.score.worker import ServingModels, Worker
 from qgate.synth import make_ct_series, write_series
@@ -94,6 +95,26 @@ def test_prefetcher_claims_at_most_depth_ahead_and_returns_the_rest_on_close() -
     assert taken is not None and sorted([taken, *left]) == [10 * i for i in claimed]
 
 
+def test_a_job_that_only_waited_is_not_parked_for_its_workers_crashes(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as s:
+        s.add(Series(series_instance_uid="1.2.3.9", study_instance_uid="1.2.3", status="queued"))
+        enqueue_score(s, series_uid="1.2.3.9", generation=0)
+    for k in range(4):  # more crashes than max_attempts
+        with sessions() as s:
+            job = claim(s, owner=f"w{k}", lease_seconds=0.05, max_attempts=2)
+        assert job is not None and job.attempts == 1 and job.state == "running"
+        with sessions() as s:
+            assert set_aside(s, job, owner=f"w{k}")
+        time.sleep(0.1)  # its worker dies while the job waits: the lease lapses
+    with sessions() as s:
+        assert not count_attempt(s, job, owner="w2")  # another worker's now
+        job = claim(s, owner="last", lease_seconds=60, max_attempts=2)
+    assert job is not None and job.attempts == 1  # not parked: it never ran
+    assert _states(sessions) == [("1.2.3.9", "running", 1)]
+
+
 @pytest.mark.parametrize("processes", [0, 2])
 def test_series_decoder_gives_what_load_series_gives(tmp_path: Path, processes: int) -> None:
     paths = write_series(make_ct_series(5, 64, 48, seed=3), tmp_path / "s")
@@ -120,8 +141,8 @@ def test_series_decoder_gives_what_load_series_gives(tmp_path: Path, processes: 
 def test_prefetching_workers_score_every_job_exactly_once(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
-    # A short lease, so leases are renewed while jobs wait decoded ahead.
-    cfg = _fast(settings, prefetch=2, lease_seconds=1.5)
+    # A short lease (renewed every 4/3 s), so leases are renewed while jobs wait decoded.
+    cfg = _fast(settings, prefetch=2, lease_seconds=4)
     uids = _queue_series(cfg, sessions, 8, n=4, size=96)
     models = ServingModels(cfg, sessions, owner="test/prefetch")
     workers = [Worker(cfg, sessions, owner=f"test/w{i}", models=models) for i in range(2)]
