@@ -44,11 +44,11 @@ def receivers(tmp_path: Path) -> Iterator[QgateProcess]:
         q.stop()
 
 
-def _listeners(q: QgateProcess, started: int = 1) -> list[int]:
-    """The stage's listener process(es), once ``started`` of them (killed ones included)
-    have logged that they run."""
+def _listeners(q: QgateProcess, started: int = 1, *, stage: int | None = None) -> list[int]:
+    """The listener processes of the receive stage (``q`` itself, or its child ``stage``),
+    once ``started`` of them (killed ones included) have logged that they run."""
     assert q.proc is not None
-    pid = q.proc.pid
+    pid = stage or q.proc.pid
     deadline = time.monotonic() + 30
     while True:
         # Listeners are children of the stage's supervising thread, not its main thread.
@@ -197,3 +197,24 @@ def test_a_killed_receiver_process_is_replaced(receivers: QgateProcess) -> None:
     for assoc, _ in held:
         assoc.release()
     assert q.echo()
+
+
+def test_serve_runs_the_configured_receiver_processes(tmp_path: Path) -> None:
+    cfg = {
+        **_config(tmp_path, receivers=3),
+        "scoring": {"scorers": ["noise", "snr"]},
+        "retrain": {"enabled": False},
+    }
+    q = QgateProcess(tmp_path / "q", cfg).start()  # qgate serve
+    try:
+        assert q.proc is not None
+        serve = q.proc.pid
+        [receive] = [
+            int(c)
+            for c in Path(f"/proc/{serve}/task/{serve}/children").read_text().split()
+            if Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[-2] == b"receive"
+        ]
+        assert len(_listeners(q, started=2, stage=receive)) == 2
+        assert q.echo()
+    finally:
+        q.stop()
