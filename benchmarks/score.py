@@ -8,7 +8,8 @@ objects (SR, SC, PM) are not included. One warm-up run, then the median of ``--r
 runs; CPU time is the process's user + system time over the same runs (all threads), so
 CPU / wall > 1 means several cores were busy.
 
-The second table streams ``--stream`` series (the same files again) through the worker's
+The second table streams ``--stream`` series (the same files again; the scorer sets in
+``--stream-sets``, default the three models together) through the worker's
 pipeline (qgate.score.prefetch, as ``qgate worker`` runs it): series k + 1 is decoded,
 and on CUDA copied to the device from page-locked memory, while series k is scored;
 slices/s = slices of all the series / wall time from the first decode to the last
@@ -192,6 +193,9 @@ def main() -> None:
     ap.add_argument(
         "--stream", type=int, default=4, help="series streamed through the pipeline (0: off)"
     )
+    ap.add_argument(
+        "--stream-sets", default="all", help="the scorer sets streamed (names as in --sets)"
+    )
     ap.add_argument("--prefetch", type=int, default=None, help="series decoded ahead")
     ap.add_argument("--decode-processes", type=int, default=None, help="decoder processes")
     ap.add_argument(
@@ -254,7 +258,7 @@ def main() -> None:
             wall, cpu = _time(functools.partial(score_series, paths, scorers, []), args.reps)
             label = " + ".join(names) if s == "all" else s
             rows.append((label, wall, cpu))
-            if args.stream:
+            if args.stream and s in args.stream_sets.split(","):
                 shape = pipeline_shape(settings)
                 streamed.append((label, _stream(paths, scorers, shape, args.stream)))
             del scorers
