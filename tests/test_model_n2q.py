@@ -176,3 +176,36 @@ def test_noise_stats_take_a_batch_of_one_in_training() -> None:
     model = create_model("n2q_tiny").train()
     out = model(torch.rand(1, 2, 32, 32))
     assert out.dose_logits.shape == (1, 5)
+
+
+def test_tiled_serving_is_the_model_on_each_window() -> None:
+    """``input.tile``: the map of a window is the model on that window alone (stride =
+    tile: no overlap), overlaps are averaged, dose probabilities are the windows' mean,
+    and a slice no larger than a tile is served whole."""
+    from dataclasses import replace
+
+    from qgate.models.n2q import forward_tiled
+
+    model = create_model("n2q_tiny").eval()
+    x = torch.rand(2, 2, 256, 192)
+    with torch.inference_mode():
+        out = forward_tiled(model, x, 128)
+        assert out.quality_map.shape == (2, 1, 256, 192)
+        top_left = model(x[:, :, :128, :128])
+        tl = top_left.quality_map[..., :64]  # columns 64-127 are shared with the next window
+        assert torch.allclose(out.quality_map[:, :, :128, :64], tl, atol=1e-5)
+        # columns: windows at 0 and 64 (the last flush with the border): averaged overlap
+        right = model(x[:, :, :128, 64:])
+        both = (top_left.quality_map[..., 64:] + right.quality_map[..., :64]) / 2
+        assert torch.allclose(out.quality_map[:, :, :128, 64:128], both, atol=1e-5)
+        assert torch.allclose(out.dose_logits.exp().sum(dim=1), torch.ones(2), atol=1e-5)
+        small = torch.rand(1, 2, 96, 96)
+        assert torch.equal(forward_tiled(model, small, 128).quality_map, model(small).quality_map)
+    tiled = create_model("n2q_tiny", input=replace(N2QInputConfig(), tile=128, tile_stride=96))
+    tiled.load_state_dict(model.state_dict())
+    hu = np.random.default_rng(0).normal(40, 30, (1, 300, 300)).astype(np.float32)
+    p = predict_n2q(tiled, hu)
+    assert p.maps is not None and p.maps.shape == (1, 300, 300)
+    assert np.isfinite(p.maps).all()
+    with pytest.raises(ValueError):
+        N2QInputConfig(tile=128, tile_stride=200)

@@ -356,6 +356,46 @@ class N2QPrediction:
         return {"mean_quality": self.mean_quality, "dose_class": self.dose_class}
 
 
+def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, n - tile + 1, stride))
+    if starts[-1] != n - tile:
+        starts.append(n - tile)  # the last window flush with the border
+    return starts
+
+
+def forward_tiled(
+    model: N2QNet, x: torch.Tensor, tile: int, stride: int | None = None
+) -> N2QOutput:
+    """``model`` on ``tile`` x ``tile`` windows of a prepared input (B, C, H, W); the map
+    is averaged where windows overlap, the dose probabilities over the windows weighted by
+    their share of in-window pixels (image channel strictly inside (0, 1): an all-air
+    window shows no noise and would vote for full dose), returned as their log, so
+    ``softmax`` gives them back. An axis no longer than ``tile`` is taken whole. See
+    :class:`~qgate.models.preprocess.N2QInputConfig` (``tile``)."""
+    b, _, h, w = x.shape
+    if h <= tile and w <= tile:
+        return model(x)
+    step = stride or tile
+    th, tw = min(tile, h), min(tile, w)
+    rows = _tile_starts(h, th, step) if h > th else [0]
+    cols = _tile_starts(w, tw, step) if w > tw else [0]
+    where = [(r, c) for r in rows for c in cols]
+    acc = x.new_zeros((b, 1, h, w), dtype=torch.float32)
+    cnt = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+    # a batch of windows per slice block keeps memory at about one slice's worth
+    windows = torch.stack([x[:, :, r : r + th, c : c + tw] for r, c in where], dim=1)
+    out = model(windows.reshape(b * len(where), *windows.shape[2:]))
+    qmap = out.quality_map.float().reshape(b, len(where), 1, th, tw)
+    prob = out.dose_logits.float().softmax(dim=1).reshape(b, len(where), -1)
+    for k, (r, c) in enumerate(where):
+        acc[:, :, r : r + th, c : c + tw] += qmap[:, k]
+        cnt[:, :, r : r + th, c : c + tw] += 1
+    img = windows[:, :, 0]
+    share = ((img > 0) & (img < 1)).float().mean(dim=(-2, -1)) + 1e-3  # (b, windows)
+    probs = (prob * share[..., None]).sum(dim=1) / share.sum(dim=1, keepdim=True)
+    return N2QOutput(acc / cnt, probs.clamp_min(1e-12).log())
+
+
 def predict_n2q(
     model: N2QNet,
     hu: ArrayLike,
@@ -415,7 +455,11 @@ def predict_n2q(
             x = prepare_n2q_input(
                 hu_t[s : s + batch_size].to(device, non_blocking=True), model.data_config
             )
-            out = model(device_layout(x))
+            tile = model.data_config.tile
+            if tile is None:
+                out = model(device_layout(x))
+            else:
+                out = forward_tiled(model, device_layout(x), tile, model.data_config.tile_stride)
             qmap = out.quality_map.float()
             if tuple(qmap.shape[-2:]) != out_hw:
                 qmap = F.interpolate(qmap, size=out_hw, mode="bilinear", align_corners=False)

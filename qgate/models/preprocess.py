@@ -272,6 +272,17 @@ class N2QInputConfig:
         the 5-tap pyramid kernel; the paper does not give it.
     highpass_factor : int
         Down/up-sampling factor of the high-pass (one pyramid level: 2).
+    tile : int or None
+        OUR choice (issue 10): serve a slice larger than ``tile`` as ``tile`` x ``tile``
+        windows of the prepared input (maps averaged where windows overlap, dose
+        probabilities averaged), the context size the model was trained on. Every
+        InstanceNorm normalises over its input's extent, so a whole 512 px slice (mostly
+        air around the body) is another input distribution than the 128 px training
+        crops: on the independent simulator the whole-slice mean drifted with the body's
+        share of the slice. ``None``: the whole slice in one pass.
+    tile_stride : int or None
+        Step between windows (``None``: ``tile``, no overlap); the last window is flush
+        with the border.
     """
 
     window_center: float = 40.0
@@ -280,12 +291,20 @@ class N2QInputConfig:
     highpass: bool = True
     highpass_sigma: float = 1.0
     highpass_factor: int = 2
+    tile: int | None = None
+    tile_stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.window_width <= 0:
             raise ValueError(f"window_width must be > 0, got {self.window_width}")
         if self.size is not None and self.size < 16:
             raise ValueError(f"size must be None or >= 16, got {self.size}")
+        if self.tile is not None and self.tile < 16:
+            raise ValueError(f"tile must be None or >= 16, got {self.tile}")
+        if self.tile_stride is not None and not (
+            self.tile is not None and 1 <= self.tile_stride <= self.tile
+        ):
+            raise ValueError("tile_stride needs a tile and must lie in [1, tile]")
 
     @property
     def in_chans(self) -> int:

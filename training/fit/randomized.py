@@ -112,9 +112,15 @@ def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
     path = Path(cfg.init) if cfg.init else default_weights_path(cfg.family)
     base = load_model(cfg.family, path)  # type: ignore[arg-type]
     if cfg.family == "mdiqa":
-        base.cfg = replace(base.cfg, crop_mode="grid")  # type: ignore[union-attr]
+        # the grid tiles the whole slice (4 x 128 px per axis covers 512): the score then
+        # estimates the slice SSIM that is the label, not that of 56 % of it (3 x 3)
+        base.cfg = replace(base.cfg, crop_mode="grid", grid_per_axis=4)  # type: ignore[union-attr]
         return base
-    model = create_model("n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS)
+    # served as windows of the training crop size (round 4; N2QInputConfig.tile)
+    serve = replace(base.cfg.input, tile=cfg.crop, tile_stride=cfg.crop * 3 // 4)
+    model = create_model(
+        "n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve
+    )
     model.load_state_dict(base.state_dict())
     return model
 
@@ -261,7 +267,9 @@ def fit_dr(
                         "roots": [str(r) for r in roots],
                         "best": best,
                     },
-                    overrides=None if is_md else {"dose_levels": list(DOSE_LEVELS)},
+                    overrides=None
+                    if is_md
+                    else {"dose_levels": list(DOSE_LEVELS), "input": model.cfg.input},
                 )
                 model.to(device)
             (out / f"{cfg.family}_history.json").write_text(json.dumps(history, indent=1))
