@@ -275,7 +275,9 @@ class N2QInputConfig:
     tile : int or None
         OUR choice (issue 10): serve a slice larger than ``tile`` as ``tile`` x ``tile``
         windows of the prepared input (maps averaged where windows overlap, dose
-        probabilities averaged), the context size the model was trained on. Every
+        probabilities averaged weighted by each window's in-window pixels; see
+        :func:`qgate.models.n2q.forward_tiled`), the context size the model was trained
+        on. Every
         InstanceNorm normalises over its input's extent, so a whole 512 px slice (mostly
         air around the body) is another input distribution than the 128 px training
         crops: on the independent simulator the whole-slice mean drifted with the body's
