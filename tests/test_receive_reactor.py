@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -9,7 +10,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from qgate.receive import storersp
 from qgate.receive.reactor import (
+    STANDARD_LOG_HANDLERS,
     BulkRecvSocket,
     LowLatencyAssociation,
     LowLatencyDUL,
@@ -61,6 +64,43 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
         server.shutdown()
     types = (LowLatencyAssociation, LowLatencyDUL, BulkRecvSocket, StoreResponseDIMSE)
     assert seen == [types] * 3
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_pynetdicom_log_handlers_are_bound_only_while_its_logger_shows_info(
+    level: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each Association binds pynetdicom's logging handlers itself; below INFO the
+    acceptor has none of them, so C-STORE responses come from the template."""
+    caplog.set_level(level, logger="pynetdicom")
+    bound: list[list[object]] = []
+    templated: list[bool] = []
+    encode = storersp.encode_store_response
+
+    def spy(*args: object) -> bytes:
+        templated.append(True)
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storersp, "encode_store_response", spy)
+
+    def on_store(event: evt.Event) -> int:
+        bound.append([h for e, h in STANDARD_LOG_HANDLERS if event.assoc.get_handlers(e)])
+        return 0x0000
+
+    server, port = _serve([(evt.EVT_C_STORE, on_store)])
+    try:
+        assoc = _ae("SCU").associate("127.0.0.1", port)
+        for ds in make_ct_series(2, 16, 16, seed=3):
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+    if level == logging.INFO:
+        assert bound == [[h for _, h in STANDARD_LOG_HANDLERS]] * 2
+        assert templated == []
+    else:
+        assert bound == [[], []]
+        assert templated == [True, True]
 
 
 @pytest.mark.parametrize("listen_to_sent", [False, True])

@@ -269,6 +269,12 @@ class LowLatencyRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # Each Association binds these itself (``_bind_defaults``), whatever its
+            # server has bound, so they are unbound here, from the association. Bound,
+            # they also keep StoreResponseDIMSE from answering from its template.
+            for event, handler in STANDARD_LOG_HANDLERS:
+                assoc.unbind(event, handler)
         internals: frozenset[str] = getattr(self.server, "internals", frozenset(INTERNALS))
         # pynetdicom builds the acceptor and its DUL in long methods with no class
         # hook; the subclasses only override methods, so switching the classes before
@@ -410,11 +416,6 @@ def start_server(
         board=board,
         internals=frozenset(internals),
     )
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        # pynetdicom's logging handlers format each PDU and DIMSE message whether or not
-        # the lines are emitted (~0.2 ms per instance).
-        for event, handler in STANDARD_LOG_HANDLERS:
-            server.unbind(event, handler)
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"scp@{address[1]}", daemon=True
     )
