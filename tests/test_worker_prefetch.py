@@ -8,13 +8,15 @@ processes.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+import sqlalchemy
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
@@ -23,6 +25,7 @@ from qgate.db import Event, Job, Result, make_engine, make_session_factory
 from qgate.db.models import Series, utcnow
 from qgate.queue import claim, count_attempt, enqueue_score, set_aside
 from qgate.score.prefetch import Prefetcher, SeriesDecoder
+from qgate.score.stage import WorkerStage
 from qgate.score.worker import ServingModels, Worker
 from qgate.synth import make_ct_series, write_series
 from qgate.volume import SeriesLoadError, load_series
@@ -37,7 +40,7 @@ def _fast(settings: Settings, **queue: Any) -> Settings:
     return settings.model_copy(
         update={
             "scoring": ScoringConfig(scorers=["noise", "snr"]),
-            "queue": QueueConfig(poll_seconds=0.05, **queue),
+            "queue": QueueConfig(**{"poll_seconds": 0.05, **queue}),
         }
     )
 
@@ -93,6 +96,76 @@ def test_prefetcher_claims_at_most_depth_ahead_and_returns_the_rest_on_close() -
     assert len(claimed) == 3  # never more than depth ahead
     left = ahead.close()
     assert taken is not None and sorted([taken, *left]) == [10 * i for i in claimed]
+
+
+def test_an_idle_prefetcher_polls_once_per_interval_and_takes_a_burst_at_once() -> None:
+    """Four claim threads on an empty source ask it once per poll between them (not four
+    times), and once work comes, every item is claimed at once, not one per poll."""
+    todo: list[int] = []
+    calls: list[float] = []
+    lock = threading.Lock()
+
+    def source() -> int | None:
+        with lock:
+            calls.append(time.monotonic())
+            return todo.pop(0) if todo else None
+
+    poll = 0.2
+    ahead = Prefetcher(source, lambda i: i, depth=4, poll_seconds=poll, name="idle").start()
+    try:
+        time.sleep(1.0)  # the backoff reaches the poll interval
+        before = len(calls)
+        time.sleep(2.0)
+        idle_calls = len(calls) - before
+        # One claim per 0.2 s for the whole prefetcher (10); 4 threads polling alone: 40.
+        assert idle_calls <= 12, idle_calls
+        with lock:
+            todo.extend(range(4))
+            queued = time.monotonic()
+        got = [ahead.get(timeout=5) for _ in range(4)]
+        taken = time.monotonic() - queued
+    finally:
+        ahead.close()
+    assert sorted(g for g in got if g is not None) == [0, 1, 2, 3]
+    assert taken < poll + 0.5, taken  # the first within one poll, the others with it
+
+
+def test_an_idle_worker_process_claims_once_per_poll_and_picks_up_work(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """``qgate worker`` with two threads, three series ahead each, on an empty queue: one
+    claim per ``queue.poll_seconds`` for the process (it made 8 claims and 2 registry
+    reads per poll before); a series queued then is claimed within the poll."""
+    poll = 0.2
+    cfg = _fast(settings, prefetch=3, workers=2, poll_seconds=poll)
+    cfg.retrain.enabled = cfg.retention.enabled = False
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    stage = WorkerStage(cfg)
+    stage.start()
+    try:
+        time.sleep(1.5)  # started, and backed off to the poll interval
+        sqlalchemy.event.listen(Engine, "before_cursor_execute", count)
+        try:
+            time.sleep(2.0)
+        finally:
+            sqlalchemy.event.remove(Engine, "before_cursor_execute", count)
+        # 2 s / 0.2 s = 10 claims, one SELECT each; before: 2 x (3 + 1) per poll = 80.
+        assert len(statements) <= 13, statements
+        uid = _queue_series(cfg, sessions, 1, n=4, size=64)[0]
+        queued = time.monotonic()
+        _wait(
+            lambda: any(st != "queued" for u, st, _ in _states(sessions) if u == uid),
+            10,
+            "the series claimed",
+        )
+        assert time.monotonic() - queued < poll + 1.0
+        _wait(lambda: _results(sessions), 60, "the series scored")
+    finally:
+        stage.stop()
 
 
 def test_a_job_that_only_waited_is_not_parked_for_its_workers_crashes(

@@ -36,6 +36,7 @@ import numpy as np
 
 from qgate.config import Settings
 from qgate.core.families import FAMILY_NAMES
+from qgate.score.idle import IdlePoll
 from qgate.scoring.base import SeriesVolume
 from qgate.volume import Allocator, LoadedSeries, empty_volume, load_series
 
@@ -57,13 +58,18 @@ class Prefetcher(Generic[T, R]):
     Parameters
     ----------
     source : callable
-        Claims the next item; None when there is none (asked again after ``poll_seconds``).
+        Claims the next item; None when there is none. The threads claim through
+        ``idle`` (:class:`~qgate.score.idle.IdlePoll`): while the source is empty only
+        one of them asks again, at most every ``poll_seconds``.
     prepare : callable
         Turns a claimed item into what the consumer takes. It must not raise: an error
         belongs in what it returns (the item it holds would otherwise be lost until its
         lease lapses); one that escapes is logged and the item dropped.
     depth : int
         Items claimed and not yet taken by :meth:`get`, at most (>= 1).
+    idle : IdlePoll, optional
+        Shared with the other claimers of the process (the worker's); default: one of
+        this prefetcher's own.
     """
 
     def __init__(
@@ -74,10 +80,12 @@ class Prefetcher(Generic[T, R]):
         depth: int,
         poll_seconds: float,
         name: str,
+        idle: IdlePoll | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._source, self._prepare, self._poll = source, prepare, poll_seconds
+        self._idle = idle or IdlePoll(poll_seconds=poll_seconds)
         self._slots = threading.Semaphore(depth)
         self._ready: queue.Queue[R] = queue.Queue()
         self._stop = threading.Event()
@@ -99,14 +107,9 @@ class Prefetcher(Generic[T, R]):
         while not self._stop.is_set():
             if not self._slots.acquire(timeout=self._poll):
                 continue
-            try:
-                item = None if self._stop.is_set() else self._source()
-            except Exception:
-                log.exception("claiming ahead failed; trying again")
-                item = None
-            if item is None:
+            item = self._idle.claim(self._source, self._stop)
+            if item is None:  # stopping
                 self._slots.release()
-                self._stop.wait(self._poll)
                 continue
             try:
                 self._ready.put(self._prepare(item))
@@ -147,6 +150,7 @@ class Prefetcher(Generic[T, R]):
     def close(self) -> list[R]:
         """Stop claiming, finish the items being prepared; returns those not taken."""
         self._stop.set()
+        self._idle.wake()
         for t in self._threads:
             t.join()
         left: list[R] = []

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from qgate.config import Settings
 from qgate.queue import release_owner
 from qgate.schedule import start_scheduler
+from qgate.score.idle import IdlePoll
 from qgate.score.worker import ServingModels, Worker
 from qgate.stage import StageName, open_store
 
@@ -51,7 +52,9 @@ class WorkerStage:
                     log.info("requeued %d job(s) left running by %s", n, owner)
         # One copy of the models for the process, shared by its worker threads.
         models = ServingModels(s, sessions, owner=f"{s.node_name}/worker-{self.slot}")
-        self._workers = [Worker(s, sessions, owner=o, models=models) for o in owners]
+        # One claim poll while the queue is empty, for all of them (qgate/score/idle.py).
+        idle = IdlePoll(poll_seconds=s.queue.poll_seconds)
+        self._workers = [Worker(s, sessions, owner=o, models=models, idle=idle) for o in owners]
         for w in self._workers:
             w.start()
         from qgate.retrain import recover_interrupted_runs

@@ -6,7 +6,8 @@ claimed and decoded the next ones (``queue.prefetch``; :mod:`qgate.score.prefetc
 ahead does not count as an attempt while it waits (:func:`qgate.queue.set_aside`); when the
 worker stops, such jobs are put back at once; when it dies, their leases lapse and any
 worker takes them. The worker threads of a process share one copy of the models
-(:class:`ServingModels`).
+(:class:`ServingModels`), and one :class:`~qgate.score.idle.IdlePoll`: while the queue
+is empty the process claims once per ``queue.poll_seconds``, however many threads it has.
 
 Everything a job produces (result row, report files, outbox rows, series state, job
 state) is committed in one transaction at the end, after checking that the job is still
@@ -38,6 +39,7 @@ from qgate.gate import apply_failure_policy, forward_originals
 from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded
 from qgate.queue import OnParked, claim, count_attempt, fail, finish, release_owner, set_aside
 from qgate.reporting import WrittenReport, write_report
+from qgate.score.idle import IdlePoll
 from qgate.score.leases import Leases
 from qgate.score.prefetch import Prefetcher, SeriesDecoder, adopt, pipeline_shape
 from qgate.scoring import Scorer
@@ -426,7 +428,8 @@ class Worker(threading.Thread):
     jobs decoded ahead.
 
     ``models`` shares one set of scorers between the worker threads of a process; without
-    it the worker builds its own (from ``scorers`` if given).
+    it the worker builds its own (from ``scorers`` if given). ``idle`` shares the claim
+    poll of an empty queue likewise (default: the worker's own).
     """
 
     def __init__(
@@ -437,12 +440,14 @@ class Worker(threading.Thread):
         owner: str,
         scorers: Sequence[Scorer] | None = None,
         models: ServingModels | None = None,
+        idle: IdlePoll | None = None,
     ) -> None:
         super().__init__(name=f"worker-{owner}", daemon=True)
         self.settings, self.sessions, self.owner = settings, sessions, owner
         if models is not None and scorers is not None:
             raise TypeError("pass scorers or models, not both")
         self.models = models or ServingModels(settings, sessions, owner=owner, scorers=scorers)
+        self.idle = idle or IdlePoll(poll_seconds=settings.queue.poll_seconds)
         self._stop_event = threading.Event()
 
     @property
@@ -472,6 +477,7 @@ class Worker(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        self.idle.wake()
 
     def run(self) -> None:
         shape = pipeline_shape(self.settings)
@@ -484,25 +490,19 @@ class Worker(threading.Thread):
         finally:
             decoder.close()
 
+    def _claim(self) -> Job | None:
+        return claim_job(self.settings, self.sessions, owner=self.owner)
+
     def _run_one_at_a_time(self, decode: Decode) -> None:
-        while not self._stop_event.is_set():
+        while (job := self.idle.claim(self._claim, self._stop_event)) is not None:
+            # Between jobs (not while idle): a new model version is served from this one.
             self._reload()
             try:
-                job = claim_job(self.settings, self.sessions, owner=self.owner)
-                if job is not None:
-                    process_job(
-                        self.settings,
-                        self.sessions,
-                        job,
-                        self.scorers,
-                        owner=self.owner,
-                        decode=decode,
-                    )
+                process_job(
+                    self.settings, self.sessions, job, self.scorers, owner=self.owner, decode=decode
+                )
             except Exception:
-                log.exception("worker loop error")
-                job = None
-            if job is None:
-                self._stop_event.wait(self.settings.queue.poll_seconds)
+                log.exception("worker loop error on job %s", job.id)
 
     def _run_ahead(self, decode: Decode, depth: int) -> None:
         """Score one job while up to ``depth`` more are claimed and decoded."""
@@ -528,14 +528,17 @@ class Worker(threading.Thread):
             )
 
         poll = settings.queue.poll_seconds
-        ahead = Prefetcher(source, prepare, depth=depth, poll_seconds=poll, name=self.name)
+        ahead = Prefetcher(
+            source, prepare, depth=depth, poll_seconds=poll, name=self.name, idle=self.idle
+        )
         ahead.start()
         try:
             while not self._stop_event.is_set():
-                self._reload()
                 prepared = ahead.get(timeout=poll)
                 if prepared is None:
                     continue
+                # Between jobs (not while idle): a new model version is served from this one.
+                self._reload()
                 try:
                     run_prepared(settings, sessions, prepared, self.scorers, owner=owner)
                 except Exception:
