@@ -53,6 +53,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine, create_engine, select
 
+from benchmarks.receive import _TICK, _cpu_seconds
 from qgate.db.models import Event, OutboxItem, Result, Series
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
@@ -83,6 +84,10 @@ class Rep:
     marks: dict[str, float] = field(default_factory=dict)
     result: str = ""
     load: float = 0.0
+    #: CPU seconds from the send to the end of the dispatch: qgate's process tree, and
+    #: every other process on the host (Orthanc, this script, other people's jobs).
+    qgate_cpu: float = 0.0
+    other_cpu: float = 0.0
 
 
 def _copy(base: list[Dataset], folder: Path) -> tuple[str, str, list[Path]]:
@@ -117,6 +122,28 @@ def _git() -> str:
     head = out("log", "-1", "--oneline").strip()
     dirty = [line[3:] for line in out("status", "--porcelain", "--", "qgate").splitlines()]
     return f"{head}; qgate/ " + (f"not committed: {', '.join(dirty)}" if dirty else "clean")
+
+
+def _host_busy() -> float:
+    """CPU seconds the host has been busy (every core, /proc/stat less idle and iowait)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
+
+
+def _wait_sent(engine: Engine, series_uid: str, timeout: float = 60.0) -> None:
+    """Until qgate recorded the results send as done (it commits after the association)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as c:
+            state = c.scalar(
+                select(OutboxItem.state).where(
+                    OutboxItem.series_instance_uid == series_uid, OutboxItem.kind == "results"
+                )
+            )
+        if state == "sent":
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"series {series_uid}: results send not recorded as sent")
 
 
 def _send(q: QgateProcess, files: list[Path]) -> tuple[float, float]:
@@ -252,21 +279,27 @@ def main() -> None:
                 _, released = _send(q, files)
                 t_sr, _ = _wait_archive(archive, engine, study, series, args.poll, args.timeout)
                 print(f"warm-up ({len(files)} slices, not timed): SR after {t_sr - released:.1f} s")
+            qpid = q.proc.pid  # type: ignore[union-attr]
             for k, (study, series, files) in enumerate(sends):
+                cpu0, host0 = _cpu_seconds(qpid), _host_busy()
                 send_s, released = _send(q, files)
                 t_sr, t_maps = _wait_archive(
                     archive, engine, study, series, args.poll, args.timeout
                 )
+                _wait_sent(engine, series)
+                qgate_cpu, host_cpu = _cpu_seconds(qpid) - cpu0, _host_busy() - host0
                 marks, info = _marks(engine, series, released)
                 marks["SR in archive"] = t_sr - released
                 marks["maps in archive"] = t_maps - released
                 marks["release"] = 0.0
                 rep = Rep(send_s, t_sr - released, t_maps - released, marks, info)
                 rep.load = os.getloadavg()[0]
+                rep.qgate_cpu, rep.other_cpu = qgate_cpu, host_cpu - qgate_cpu
                 reps.append(rep)
                 print(
                     f"rep {k + 1}: send {send_s:.1f} s, SR {rep.sr_s:.1f} s, maps "
-                    f"{rep.maps_s:.1f} s after release ({info}; load {rep.load:.2f})",
+                    f"{rep.maps_s:.1f} s after release ({info}; qgate CPU {qgate_cpu:.0f} s, "
+                    f"others {rep.other_cpu:.0f} s; load {rep.load:.2f})",
                     flush=True,
                 )
         finally:
@@ -310,17 +343,25 @@ def _report(
     print()
     print(
         "| rep | storescu s | release -> SR in archive s | release -> maps in archive s "
-        "| qgate result | load (1 min) |"
+        "| qgate result | qgate CPU s | other processes' CPU s | load (1 min) |"
     )
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for k, r in enumerate(reps, 1):
         print(
-            f"| {k} | {r.send_s:.1f} | {r.sr_s:.1f} | {r.maps_s:.1f} | {r.result} | {r.load:.2f} |"
+            f"| {k} | {r.send_s:.1f} | {r.sr_s:.1f} | {r.maps_s:.1f} | {r.result} "
+            f"| {r.qgate_cpu:.0f} | {r.other_cpu:.0f} | {r.load:.2f} |"
         )
     print(
         f"| **median** | {statistics.median(r.send_s for r in reps):.1f} | "
         f"**{statistics.median(r.sr_s for r in reps):.1f}** | "
-        f"**{statistics.median(r.maps_s for r in reps):.1f}** | | |"
+        f"**{statistics.median(r.maps_s for r in reps):.1f}** | | "
+        f"{statistics.median(r.qgate_cpu for r in reps):.0f} | "
+        f"{statistics.median(r.other_cpu for r in reps):.0f} | |"
+    )
+    print()
+    print(
+        "CPU s: user + system from the send to the results send recorded done; qgate's "
+        "process tree, and the rest of the host (Orthanc, this script, other jobs)."
     )
     print()
     print("| stage (qgate's records) | median s | median s after release at its end |")
