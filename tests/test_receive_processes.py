@@ -218,3 +218,62 @@ def test_serve_runs_the_configured_receiver_processes(tmp_path: Path) -> None:
         assert q.echo()
     finally:
         q.stop()
+
+
+def test_a_slot_folder_is_removed_once_its_owner_is_gone(tmp_path: Path) -> None:
+    """A folder whose stage process was killed goes at the next start; a live owner's
+    folder, and a folder still being created (no owner.lock yet), stay."""
+    import subprocess
+    import sys
+
+    from qgate.receive.listener import OWNER_LOCK, SLOTS_PREFIX, SlotFolder
+
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from qgate.receive.listener import SlotFolder; "
+        "print(SlotFolder.create(Path(sys.argv[1])).path, flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    killed = Path(child.stdout.readline().strip())
+    assert (killed / OWNER_LOCK).exists()
+    live = SlotFolder.create(tmp_path)
+    assert SlotFolder.remove_stale(tmp_path) == []  # the child still holds its lock
+    child.kill()
+    child.wait()
+    creating = tmp_path / f"{SLOTS_PREFIX}creating"
+    creating.mkdir()
+
+    fresh = SlotFolder.create(tmp_path)  # removes the killed child's folder
+    assert not killed.exists()
+    assert live.path.is_dir() and creating.is_dir() and fresh.path.is_dir()
+    fresh.remove()
+    live.remove()
+    assert not live.path.exists()
+    assert sorted(tmp_path.iterdir()) == [creating]
+
+
+def test_a_stage_killed_with_its_slot_folder_leaves_none_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kill -9`` of a receive stage with two processes leaves its folder in $TMPDIR;
+    the next stage started there removes it."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    q = QgateProcess(tmp_path / "q", _config(tmp_path, receivers=2), command=["receive"])
+    q.cli("db", "upgrade")
+    try:
+        q.start()
+        [first] = list(tmpdir.glob("qgate-receive-slots-*"))
+        q.stop(kill=True)
+        assert first.is_dir()
+        q.start()
+        [second] = list(tmpdir.glob("qgate-receive-slots-*"))
+        assert second != first
+        q.stop()
+        assert list(tmpdir.glob("qgate-receive-slots-*")) == []
+    finally:
+        q.stop(kill=True)

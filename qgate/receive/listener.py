@@ -34,10 +34,12 @@ import fcntl
 import logging
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -77,6 +79,85 @@ def die_with_parent(parent: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # it died before the prctl
         os._exit(1)
+
+
+#: The receive stage's slot folders in the temporary directory start with this.
+SLOTS_PREFIX = "qgate-receive-slots-"
+
+#: In a slot folder: the file its stage process holds an exclusive ``flock`` on while it
+#: lives. Created under a temporary name and renamed once locked, so a folder whose
+#: ``owner.lock`` can be locked by another process has lost its owner.
+OWNER_LOCK = "owner.lock"
+
+
+class SlotFolder:
+    """The folder of a receive stage's :class:`AssociationSlots` and :class:`LoadBoard`.
+
+    The stage process holds a lock on the folder's :data:`OWNER_LOCK` for as long as it
+    lives (the file is not inherited by the listener processes), so the kernel drops the
+    lock when the stage exits, ``kill -9`` included. :meth:`remove_stale` removes the
+    folders whose owner is gone; :meth:`create` calls it first.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The folder.
+    owner_fd : int
+        The open, locked :data:`OWNER_LOCK` in it.
+    """
+
+    def __init__(self, path: Path, owner_fd: int) -> None:
+        self.path = path
+        self._owner_fd: int | None = owner_fd
+
+    @classmethod
+    def create(cls, parent: Path | None = None) -> SlotFolder:
+        """A new slot folder in ``parent`` (default: the temporary directory), owned by
+        this process, after removing the stale ones there."""
+        parent = Path(parent or tempfile.gettempdir())
+        cls.remove_stale(parent)
+        path = Path(tempfile.mkdtemp(prefix=SLOTS_PREFIX, dir=parent))
+        staging = path / f".{OWNER_LOCK}"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, path / OWNER_LOCK)
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls(path, fd)
+
+    @staticmethod
+    def remove_stale(parent: Path) -> list[Path]:
+        """Remove the slot folders in ``parent`` whose owner process has exited; the ones
+        removed. A folder without :data:`OWNER_LOCK` (still being created) is kept."""
+        removed = []
+        for path in sorted(parent.glob(f"{SLOTS_PREFIX}*")):
+            try:
+                fd = os.open(path / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:  # not there (yet), or not ours to open
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: its owner lives
+                continue
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("removed %d stale association slot folder(s) in %s", len(removed), parent)
+        return removed
+
+    def remove(self) -> None:
+        """Remove the folder and give up its ownership (safe to call repeatedly)."""
+        if self._owner_fd is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._owner_fd)
+        self._owner_fd = None
 
 
 class AssociationSlots:
