@@ -26,7 +26,10 @@ is released) and stops at the first poll (every ``--poll`` s, Orthanc's REST
 quality-map instance (the SC series and the parametric map, the count taken from
 qgate's outbox row). The split per stage comes from qgate's own records (series
 ``released_at``, the events trail: queued, claimed, started, scored, dispatch claimed,
-sent; the result's scoring seconds), on the same host clock.
+sent; the result's scoring seconds), on the same host clock. Beside each repetition:
+the CPU seconds (user + system) of qgate's process tree and of every other process on
+the host from the send to the results send recorded done: on a shared host, the second
+says how much of the two cores the run did not have.
 
     flock /tmp/qgate-bench.lock .venv/bin/python -u benchmarks/release_to_sr.py \\
         --slices 300 --reps 3
