@@ -34,7 +34,7 @@ from pydicom.uid import (
     MRImageStorage,
     RLELossless,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
@@ -49,7 +49,10 @@ from qgate.receive.handlers import (
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
     AssociationTracker,
+    ReceiveContext,
 )
+from qgate.receive.reactor import start_server
+from qgate.receive.scp import build_ae, event_handlers
 from qgate.spool import spool_path, write_atomic
 from qgate.storage import to_local
 from qgate.synth import make_ct_series, write_series
@@ -467,6 +470,33 @@ def test_association_end_decrements_open_associations(
     ends = _events(sessions, uid)[-2:]
     # The abort is seen as EVT_ABORTED or, when the socket thread is first, EVT_CONN_CLOSE.
     assert sorted(ends) in (["aborted", "released"], ["closed", "released"])
+
+
+def test_a_close_that_overtakes_the_release_is_recorded_as_released(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """The peer closes once it has the A-RELEASE-RP; the DUL thread's EVT_CONN_CLOSE can
+    then run before the association thread's EVT_RELEASED (forced here: EVT_RELEASED is
+    held until the close has been handled). The trail still says released."""
+    closed = threading.Event()
+    ctx = ReceiveContext(settings=settings, sessions=sessions)
+    handlers = [
+        (evt.EVT_RELEASED, lambda e: closed.wait(5)),  # runs before handle_release
+        *event_handlers(ctx),
+        (evt.EVT_CONN_CLOSE, lambda e: closed.set()),  # after handle_release
+    ]
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    server = start_server(build_ae(settings), ("127.0.0.1", settings.dicom.port), handlers)
+    try:
+        [ds] = _series(1)
+        assoc = _assoc(settings.dicom.port)
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        assert closed.wait(5)
+        assert _wait(lambda: _row(sessions, ds.SeriesInstanceUID).open_associations == 0)
+    finally:
+        server.shutdown()
+    assert _events(sessions, ds.SeriesInstanceUID) == ["received", "released"]
 
 
 def test_two_associations_send_one_series_concurrently(

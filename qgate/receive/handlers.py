@@ -40,7 +40,13 @@ sender's thread: one header-only parse, one file write, one SQL transaction.
     Uses ``event.assoc`` and ``event.event.name``. For every series the association sent
     to, decrements ``series.open_associations`` (not below 0) and sets ``released_at``, in
     one transaction with a ``released``/``aborted``/``closed`` event per series. Runs once
-    per association, whichever of the three events comes first; returns nothing.
+    per association, whichever of the three events comes first; returns nothing. The
+    peer closes the connection once it has the release response, and ``EVT_CONN_CLOSE``
+    (the DUL's thread) can come before ``EVT_RELEASED`` (the association's): a close of
+    an association already marked released (``event.assoc.is_released``, set before the
+    response is sent by :class:`qgate.receive.reactor.LowLatencyAssociation`) is recorded
+    as ``released``. With pynetdicom's own loop (``dicom.internals`` without
+    ``reactor``), which marks it after sending, such a close may still read ``closed``.
 
 ``handle_rejected`` (``evt.EVT_REJECTED``)
     Logs the calling AE title of a refused association (for example not on
@@ -783,6 +789,8 @@ def handle_release(event: PynetdicomEvent, ctx: ReceiveContext) -> None:
     if not series:
         return
     kind = _END_EVENTS.get(event.event.name, EV_CLOSED)
+    if kind == EV_CLOSED and event.assoc.is_released:
+        kind = EV_RELEASED  # the close that follows the release response came first
     close_series(ctx, series, kind)
     ctx.logger.debug(
         "association from aet=%s %s, %d series", event.assoc.requestor.ae_title, kind, len(series)

@@ -100,10 +100,13 @@ class LowLatencyAssociation(Association):
                 continue  # another request may already be queued
 
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
+                # Marked released before the response goes out (pynetdicom marks it
+                # after): the peer closes the connection as soon as it has the response,
+                # and the DUL thread's EVT_CONN_CLOSE may then come before EVT_RELEASED.
                 self.is_released = True
                 self.is_established = False
+                self.acse.send_release(is_response=True)
+                LOGGER.info("Association Released")
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return
