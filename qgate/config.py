@@ -147,6 +147,10 @@ class DicomConfig(BaseModel):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     # Seconds an idle association may stay open before pynetdicom aborts it.
     network_timeout: float = 60.0
+    # On stop, open associations may go on this long (no new ones are accepted); those
+    # still open are then aborted, after the C-STORE in hand is stored or refused
+    # (qgate/receive/drain.py). Below qgate serve's 90 s stop timeout.
+    stop_grace_seconds: float = Field(10.0, ge=0, le=60)
     # Sanity limits: anything larger is rejected with 0xA900 before it reaches the disk.
     max_rows: int = 4096
     max_columns: int = 4096

@@ -4,14 +4,18 @@ At start the spool is reconciled with the store (:mod:`qgate.receive.recover`), 
 stage listens on ``dicom.host:port`` and the assembler queues complete series. With
 ``dicom.receivers: N`` above 1 the stage starts ``N - 1`` listener processes that accept
 from the same listening socket and restarts one that exits (:mod:`qgate.receive.listener`);
-the spool is reconciled before any of them runs. Stopping stops the listener processes,
-closes the listening socket and lets open associations end.
+the spool is reconciled before any of them runs. Stopping accepts no new association in
+any receiver process, lets the open ones go on for up to ``dicom.stop_grace_seconds`` (in
+every process at once), then aborts the rest once the C-STORE in hand is stored
+(:mod:`qgate.receive.drain`).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +25,11 @@ from sqlalchemy import Engine
 
 from qgate.assemble import Assembler
 from qgate.config import Settings
+from qgate.receive.drain import stop_server
 from qgate.receive.listener import (
     AssociationSlots,
     ListenerSupervisor,
     LoadBoard,
-    SlotFolder,
     die_with_parent,
     inherited_socket,
     listen_socket,
@@ -59,7 +63,7 @@ class ReceiveStage:
         self._scp: ThreadedAssociationServer | None = None
         self._assembler: Assembler | None = None
         self._socket: socket.socket | None = None
-        self._slots: SlotFolder | None = None
+        self._slots_dir: Path | None = None
         self._listeners: threading.Thread | None = None
         self._stop_listeners = threading.Event()
 
@@ -74,14 +78,13 @@ class ReceiveStage:
         if extra:
             if not self.receive_argv:
                 raise ValueError("dicom.receivers > 1 needs the command of a listener")
-            # A folder a killed stage left behind is removed first.
-            self._slots = SlotFolder.create()
-            slots = AssociationSlots(self._slots.path, s.dicom.maximum_associations)
-            board = LoadBoard(self._slots.path, 0, s.dicom.receivers)
+            self._slots_dir = Path(tempfile.mkdtemp(prefix="qgate-receive-slots-"))
+            slots = AssociationSlots(self._slots_dir, s.dicom.maximum_associations)
+            board = LoadBoard(self._slots_dir, 0, s.dicom.receivers)
             supervisor = ListenerSupervisor(
                 s,
                 sock=self._socket,
-                slots=self._slots.path,
+                slots=self._slots_dir,
                 count=extra,
                 receive_argv=self.receive_argv,
             )
@@ -102,15 +105,16 @@ class ReceiveStage:
         )
 
     def stop(self) -> None:
-        if self._listeners is not None:
-            self._stop_listeners.set()
-            self._listeners.join()
+        # The listener processes get SIGTERM now and drain beside this one.
+        self._stop_listeners.set()
         if self._scp is not None:
-            self._scp.shutdown()
+            stop_server(self._scp, grace_seconds=self.settings.dicom.stop_grace_seconds)
+        if self._listeners is not None:
+            self._listeners.join()
         if self._socket is not None:
             self._socket.close()
-        if self._slots is not None:
-            self._slots.remove()
+        if self._slots_dir is not None:
+            shutil.rmtree(self._slots_dir, ignore_errors=True)
         if self._assembler is not None:
             self._assembler.stop()
             self._assembler.join(timeout=60)
@@ -163,6 +167,6 @@ class ReceiveListener:
 
     def stop(self) -> None:
         if self._scp is not None:
-            self._scp.shutdown()
+            stop_server(self._scp, grace_seconds=self.settings.dicom.stop_grace_seconds)
         if self._engine is not None:
             self._engine.dispose()
