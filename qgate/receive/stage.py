@@ -13,9 +13,7 @@ every process at once), then aborts the rest once the C-STORE in hand is stored
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from qgate.receive.listener import (
     AssociationSlots,
     ListenerSupervisor,
     LoadBoard,
+    SlotFolder,
     die_with_parent,
     inherited_socket,
     listen_socket,
@@ -63,7 +62,7 @@ class ReceiveStage:
         self._scp: ThreadedAssociationServer | None = None
         self._assembler: Assembler | None = None
         self._socket: socket.socket | None = None
-        self._slots_dir: Path | None = None
+        self._slots: SlotFolder | None = None
         self._listeners: threading.Thread | None = None
         self._stop_listeners = threading.Event()
 
@@ -78,13 +77,14 @@ class ReceiveStage:
         if extra:
             if not self.receive_argv:
                 raise ValueError("dicom.receivers > 1 needs the command of a listener")
-            self._slots_dir = Path(tempfile.mkdtemp(prefix="qgate-receive-slots-"))
-            slots = AssociationSlots(self._slots_dir, s.dicom.maximum_associations)
-            board = LoadBoard(self._slots_dir, 0, s.dicom.receivers)
+            # A folder a killed stage left behind is removed first.
+            self._slots = SlotFolder.create()
+            slots = AssociationSlots(self._slots.path, s.dicom.maximum_associations)
+            board = LoadBoard(self._slots.path, 0, s.dicom.receivers)
             supervisor = ListenerSupervisor(
                 s,
                 sock=self._socket,
-                slots=self._slots_dir,
+                slots=self._slots.path,
                 count=extra,
                 receive_argv=self.receive_argv,
             )
@@ -113,8 +113,8 @@ class ReceiveStage:
             self._listeners.join()
         if self._socket is not None:
             self._socket.close()
-        if self._slots_dir is not None:
-            shutil.rmtree(self._slots_dir, ignore_errors=True)
+        if self._slots is not None:
+            self._slots.remove()
         if self._assembler is not None:
             self._assembler.stop()
             self._assembler.join(timeout=60)
