@@ -459,6 +459,10 @@ class RetrainConfig(BaseModel):
     command: list[str] | None = None
     # A training process still running after this long is stopped; the run fails.
     timeout_hours: float = Field(6.0, gt=0)
+    # Threads the training process may use (torch, OpenMP, MKL, OpenBLAS); unset: half
+    # the cores this process may run on, at least 1, so a node that also scores keeps
+    # the rest for its workers.
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("cron")
     @classmethod

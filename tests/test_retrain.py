@@ -305,6 +305,35 @@ def test_the_training_runs_as_a_child_process_whose_failure_fails_only_the_run(
         assert s.scalar(select(ModelVersion).where(ModelVersion.parent.is_not(None))) is None
 
 
+@pytest.mark.parametrize("threads", [1, None])
+def test_the_training_process_uses_the_threads_retrain_threads_allows(
+    settings: Settings, sessions: sessionmaker[Session], threads: int | None
+) -> None:
+    """``retrain.threads`` (unset: half the cores) reaches the training process: OpenMP,
+    MKL and OpenBLAS through their variables, torch's intra- and inter-op pools through
+    the training's own entry (``training.retrain.limit_threads``)."""
+    import os
+    import sys
+
+    settings = _settings(settings, margin=0.0, scorers=["noise"])
+    _reviewed(settings, sessions)
+    settings.retrain.threads = threads
+    report = (
+        "import os, sys\n"
+        "from training.retrain import limit_threads\n"
+        "limit_threads()\n"
+        "import torch\n"
+        "env = [os.environ[v] for v in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', "
+        "'OPENBLAS_NUM_THREADS')]\n"
+        "print('threads', torch.get_num_threads(), torch.get_num_interop_threads(), *env)\n"
+        "sys.exit(3)\n"
+    )
+    settings.retrain.command = [sys.executable, "-c", report]
+    outcome = run_retrain(settings, sessions, trigger="cli")
+    n = threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"exited with status 3: threads {n} {n} {n} {n} {n}" in outcome.reason
+
+
 def test_the_training_stops_when_the_service_that_started_it_dies(tmp_path: Path) -> None:
     """A training process outlives no crashed service: it is stopped with its parent."""
     import os

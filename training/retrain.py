@@ -28,6 +28,7 @@ What it does:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import numpy as np
 from qgate.retrain.contract import (
     PARENT_PID_ENV,
     RESULT_FILE,
+    THREADS_ENV,
     FineTuned,
     HeldOut,
     LabelledSeries,
@@ -330,9 +332,7 @@ def train(request: TrainRequest, out_dir: Path) -> TrainResult:
     info: dict[str, Any] = {"run": request.run_id, "parent": request.mdiqa.version}
     info.update(data.model_dump(exclude_none=True))
     mdiqa = FineTuned(
-        weights=_save_like(
-            candidate, request.mdiqa.path, out_dir / "mdiqa.safetensors", info
-        ).name,
+        weights=_save_like(candidate, request.mdiqa.path, out_dir / "mdiqa.safetensors", info).name,
         candidate=evaluate(candidate),
         current=current_metrics,
         train_losses={name: round(v[-1], 4) for name, v in curves.items() if v},
@@ -421,6 +421,22 @@ def stop_with_parent() -> None:
         pass  # alive, under another user
 
 
+def limit_threads() -> None:
+    """Use the threads the service allows (``QGATE_RETRAIN_THREADS``, its
+    ``retrain.threads``) for torch's intra- and inter-op pools; run by hand (no variable),
+    torch's defaults. OpenMP, MKL and OpenBLAS read their own variables, which the service
+    sets to the same number."""
+    threads = os.environ.get(THREADS_ENV)
+    if not threads:
+        return
+    import torch
+
+    n = int(threads)
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # already fixed once parallel work has run
+        torch.set_num_interop_threads(n)
+
+
 @click.command("retrain")
 @click.option(
     "--labels",
@@ -439,6 +455,7 @@ def stop_with_parent() -> None:
 def retrain_cmd(labels: Path, out: Path) -> None:
     """Fine-tune MD-IQA (and refit Chest CT-IQA) for the service's nightly retraining."""
     stop_with_parent()
+    limit_threads()
     request = TrainRequest.model_validate_json(labels.read_text())
     out.mkdir(parents=True, exist_ok=True)
     result = train(request, out)

@@ -5,7 +5,8 @@ The service never imports ``training/``: the training runs in a child process
 retrain`` command) with the contract of :mod:`qgate.retrain.contract`. A crash, an
 out-of-memory kill or a hang of the training cannot take the serving process down; the
 run is recorded failed with the last line the child wrote (its whole output stays in
-``<run dir>/train.log``).
+``<run dir>/train.log``). The child uses ``retrain.threads`` threads
+(:func:`training_threads`), so a node that also scores keeps cores for its workers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qgate.retrain.contract import (
     LOG_FILE,
     PARENT_PID_ENV,
     RESULT_FILE,
+    THREADS_ENV,
     TrainRequest,
     TrainResult,
 )
@@ -37,6 +39,31 @@ def train_command(cfg: RetrainConfig) -> list[str]:
     if cfg.command:
         return list(cfg.command)
     return [sys.executable, "-m", "training.cli", "retrain"]
+
+
+def training_threads(cfg: RetrainConfig) -> int:
+    """``retrain.threads``, or half the cores this process may run on (at least 1)."""
+    if cfg.threads is not None:
+        return cfg.threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores // 2)
+
+
+def training_env(cfg: RetrainConfig) -> dict[str, str]:
+    """The training process's environment: this one's, the parent's process ID
+    (:data:`PARENT_PID_ENV`) and its thread limit in every variable that sets one."""
+    threads = str(training_threads(cfg))
+    return {
+        **os.environ,
+        PARENT_PID_ENV: str(os.getpid()),
+        THREADS_ENV: threads,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+    }
 
 
 def _last_line(log: Path) -> str:
@@ -69,7 +96,7 @@ def run_training(request: TrainRequest, run_dir: Path, cfg: RetrainConfig) -> Tr
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+                env=training_env(cfg),
                 timeout=cfg.timeout_hours * 3600,
                 check=False,
             )

@@ -32,6 +32,10 @@ LOG_FILE = "train.log"
 #: The service's process ID, in the training process's environment: the training stops
 #: when that process dies (Linux), so no orphan trains on after a crash or a restart.
 PARENT_PID_ENV = "QGATE_RETRAIN_PARENT_PID"
+#: The threads the training process may use (``retrain.threads``), in its environment
+#: with ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS``; the
+#: training sets torch's intra- and inter-op threads to it.
+THREADS_ENV = "QGATE_RETRAIN_THREADS"
 
 SCHEMA = 1
 
