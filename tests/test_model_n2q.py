@@ -209,3 +209,62 @@ def test_tiled_serving_is_the_model_on_each_window() -> None:
     assert np.isfinite(p.maps).all()
     with pytest.raises(ValueError):
         N2QInputConfig(tile=128, tile_stride=200)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_is_torchs_function(channels_last: bool) -> None:
+    from qgate.models.layers import InstanceNorm2d
+
+    torch.manual_seed(0)
+    ours, ref = InstanceNorm2d(6, affine=True), torch.nn.InstanceNorm2d(6, affine=True)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    x = torch.randn(3, 6, 20, 24) * 5 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    # same parameter names: weights saved from torch's module load unchanged
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_map_is_one_where_the_slice_is_below_the_label_floor() -> None:
+    """``input.floor_hu``: where every pixel of the SSIM support is below the label
+    window's floor, the map is exactly 1; next to tissue and with the rule off it is the
+    network's."""
+    from dataclasses import replace
+
+    from qgate.models.preprocess import below_floor
+
+    rng = np.random.default_rng(0)
+    hu = np.full((1, 96, 96), -1000.0, np.float32) + rng.normal(0, 20, (1, 96, 96)).astype(
+        np.float32
+    )
+    hu[:, 30:60, 30:60] = 40 + rng.normal(0, 20, (1, 30, 30))  # a block of tissue
+    cfg = N2QInputConfig()
+    assert cfg.floor_hu == -160.0 and cfg.floor_support == 11
+    floor = below_floor(hu, cfg)
+    assert floor is not None and floor.shape == (1, 96, 96)
+    assert bool(floor[0, 0, 0]) and bool(floor[0, 90, 90])
+    assert not floor[0, 30:60, 30:60].any()
+    assert not bool(floor[0, 45, 25]) and bool(floor[0, 45, 24])  # 5 px margin, 11 px support
+    model = create_model("n2q_tiny").eval()
+    on = predict_n2q(model, hu)
+    off_model = create_model("n2q_tiny", input=replace(cfg, floor_hu=None)).eval()
+    off_model.load_state_dict(model.state_dict())
+    off = predict_n2q(off_model, hu)
+    assert on.maps is not None and off.maps is not None
+    mask = floor[0].numpy()
+    assert (on.maps[0][mask] == 1.0).all()
+    assert not (off.maps[0][mask] == 1.0).all()  # the network alone does not give 1 there
+    np.testing.assert_allclose(on.maps[0][~mask], off.maps[0][~mask], atol=1e-6)
+    with pytest.raises(ValueError):
+        N2QInputConfig(floor_support=4)

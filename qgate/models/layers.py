@@ -18,11 +18,27 @@ __all__ = [
     "AlignGeometry",
     "ChannelAttention",
     "DeformAlign",
+    "InstanceNorm2d",
     "LayerNorm2d",
     "StatNorm",
     "align_geometry",
     "texture_log_energy",
 ]
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (affine, no running statistics) computed as a per-sample,
+    per-channel ``var_mean`` and one ``addcmul``: the same function and parameters (a
+    drop-in for weights saved from ``nn.InstanceNorm2d``), without the reshape to
+    (1, B*C, H, W) that torch's kernel makes, which copies a channels_last input twice.
+    On 2 CPU cores that made Noise2Quality's forward ~1.2x faster (issue 10)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or not self.affine or self.track_running_stats:
+            return super().forward(x)
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
+        return torch.addcmul(self.bias[:, None, None] - mean * scale, x, scale)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ OUR choices (the paper is silent; each is a config field):
   (Linear, zero-initialised) to a per-channel bias on the last decoder features, so the
   map also knows the slice's noise level.
   ``noise_stats=False`` is the paper's head alone.
+- Served as 128 px windows (``N2QInputConfig.tile``), the training context, and with
+  the map set to exactly 1 where the slice lies below the label window's floor over the
+  whole SSIM support (``N2QInputConfig.floor_hu``: two equal constant patches), which the
+  network only approximates over air.
 - Dose head: global average pool of the bottleneck (+ the noise statistics) ->
   Linear(width[-1] (+ width[0]), 5), no dropout.
 
@@ -58,11 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgate.models._registry import register_model
-from qgate.models.layers import StatNorm, texture_log_energy
+from qgate.models.layers import InstanceNorm2d, StatNorm, texture_log_energy
 from qgate.models.preprocess import (
     ArrayLike,
     N2QInputConfig,
     as_tensor,
+    below_floor,
     device_layout,
     inference_context,
     prepare_n2q_input,
@@ -162,7 +167,7 @@ class N2QTargets:
 
 def _norm(name: NormName, ch: int) -> nn.Module:
     if name == "instance":
-        return nn.InstanceNorm2d(ch, affine=True)
+        return InstanceNorm2d(ch, affine=True)
     if name == "batch":
         return nn.BatchNorm2d(ch)
     if name == "group":
@@ -452,15 +457,17 @@ def predict_n2q(
     probs: list[torch.Tensor] = []
     with inference_context(device, amp=amp):
         for s in range(0, n, batch_size):
-            x = prepare_n2q_input(
-                hu_t[s : s + batch_size].to(device, non_blocking=True), model.data_config
-            )
+            part = hu_t[s : s + batch_size].to(device, non_blocking=True)
+            x = prepare_n2q_input(part, model.data_config)
             tile = model.data_config.tile
             if tile is None:
                 out = model(device_layout(x))
             else:
                 out = forward_tiled(model, device_layout(x), tile, model.data_config.tile_stride)
             qmap = out.quality_map.float()
+            floor = below_floor(part, model.data_config)
+            if floor is not None:  # SSIM is exactly 1 there (N2QInputConfig.floor_hu)
+                qmap = torch.where(floor[:, None], torch.ones_like(qmap), qmap)
             if tuple(qmap.shape[-2:]) != out_hw:
                 qmap = F.interpolate(qmap, size=out_hw, mode="bilinear", align_corners=False)
             qmap = qmap[:, 0]

@@ -36,6 +36,7 @@ __all__ = [
     "ChestInputConfig",
     "N2QInputConfig",
     "as_tensor",
+    "below_floor",
     "depth_indices",
     "device_layout",
     "gaussian_blur",
@@ -285,6 +286,16 @@ class N2QInputConfig:
     tile_stride : int or None
         Step between windows (``None``: ``tile``, no overlap); the last window is flush
         with the border.
+    floor_hu : float or None
+        OUR choice (issue 10): the map is **1** wherever every pixel of the SSIM support
+        (``floor_support`` pixels square, on the map's grid) is below ``floor_hu``. The
+        label is SSIM in the C40/W400 window, whose floor is -160 HU: where the slice
+        lies below it over the whole support, the slice and its noiseless reference are
+        both the window's floor there, and SSIM of two equal constant patches is exactly
+        1. The network only approximates this (0.77-0.96 over air on held-out slices,
+        more air on some anatomies than others). ``None``: the network's map everywhere.
+    floor_support : int
+        Side of that support in pixels: the label SSIM's Gaussian window (11 px).
     """
 
     window_center: float = 40.0
@@ -295,8 +306,12 @@ class N2QInputConfig:
     highpass_factor: int = 2
     tile: int | None = None
     tile_stride: int | None = None
+    floor_hu: float | None = -160.0
+    floor_support: int = 11
 
     def __post_init__(self) -> None:
+        if self.floor_support < 1 or self.floor_support % 2 == 0:
+            raise ValueError(f"floor_support must be odd and >= 1, got {self.floor_support}")
         if self.window_width <= 0:
             raise ValueError(f"window_width must be > 0, got {self.window_width}")
         if self.size is not None and self.size < 16:
@@ -334,6 +349,24 @@ def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
         return img.contiguous()
     hp = high_pass(img, sigma=cfg.highpass_sigma, factor=cfg.highpass_factor)
     return torch.cat([img, hp], dim=1)
+
+
+def below_floor(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor | None:
+    """(S, H', W') bool on the model input's grid: every pixel of the ``floor_support``
+    square around it is below ``cfg.floor_hu`` (see :class:`N2QInputConfig`); ``None``
+    when the rule is off. Runs on ``hu``'s device."""
+    if cfg.floor_hu is None:
+        return None
+    t = as_tensor(hu)
+    if t.ndim == 2:
+        t = t[None]
+    low = (t < cfg.floor_hu).float()
+    if cfg.size is not None:
+        low = (resize2d(low, cfg.size, mode="area") >= 1.0 - 1e-6).float()  # wholly below
+    k = cfg.floor_support
+    # a min filter: the neighbourhood is all below iff its max of "not below" is 0
+    above = F.max_pool2d(1.0 - low[:, None], k, stride=1, padding=k // 2)
+    return above[:, 0] < 0.5
 
 
 # --------------------------------------------------------------------------- Chest CT-IQA
