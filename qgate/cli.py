@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -109,13 +110,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals(what: str) -> Iterator[threading.Event]:
     """An event that SIGTERM and SIGINT set while the block runs (the stage or the
-    supervisor then stops); the previous handlers come back afterwards."""
+    supervisor then stops); the previous handlers come back afterwards. ``what`` names
+    this process in the log line ("stage worker", "qgate serve")."""
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
-        logging.getLogger("qgate").info("signal %d: stopping", signum)
+        name = signal.Signals(signum).name
+        logging.getLogger("qgate").info(
+            "%s (pid %d): %s received, stopping", what, os.getpid(), name
+        )
         done.set()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -126,11 +131,12 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def _run_stage(make: Callable[[], Stage]) -> None:
-    """Run the stage ``make()`` builds until SIGTERM/SIGINT; a clear error if it cannot."""
+def _run_stage(make: Callable[[], Stage], what: str) -> None:
+    """Run the stage ``make()`` builds until SIGTERM/SIGINT; a clear error if it cannot.
+    ``what`` names the process in the logs."""
     from qgate.stage import SchemaNotReady, run_stage
 
-    with _stop_on_signals() as done:
+    with _stop_on_signals(what) as done:
         try:
             run_stage(make(), done)
         except (SchemaNotReady, OSError) as exc:
@@ -146,7 +152,7 @@ def serve(ctx: click.Context) -> None:
     state = ctx.find_root().ensure_object(dict)
     settings = _settings(ctx)
     args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))
-    with _stop_on_signals() as done:
+    with _stop_on_signals("qgate serve") as done:
         Supervisor(settings, cli_args=args).run(done)
 
 
@@ -175,12 +181,13 @@ def receive(
         _run_stage(
             lambda: ReceiveListener(
                 settings, fd=listen_fd, slots=slots, parent=parent, index=listener
-            )
+            ),
+            f"receiver process {listener} of stage receive",
         )
         return
     state = ctx.find_root().ensure_object(dict)
     args = config_args(state.get("config_path"), verbose=bool(state.get("verbose")))
-    _run_stage(lambda: ReceiveStage(settings, receive_argv=receive_argv(args)))
+    _run_stage(lambda: ReceiveStage(settings, receive_argv=receive_argv(args)), "stage receive")
 
 
 @main.command()
@@ -197,7 +204,7 @@ def worker(ctx: click.Context, slot: int) -> None:
     from qgate.score.stage import WorkerStage
 
     settings = _settings(ctx)
-    _run_stage(lambda: WorkerStage(settings, slot=slot))
+    _run_stage(lambda: WorkerStage(settings, slot=slot), f"stage worker (slot {slot})")
 
 
 @main.command()
@@ -207,7 +214,7 @@ def dispatch(ctx: click.Context) -> None:
     from qgate.dispatch.stage import DispatchStage
 
     settings = _settings(ctx)
-    _run_stage(lambda: DispatchStage(settings))
+    _run_stage(lambda: DispatchStage(settings), "stage dispatch")
 
 
 @main.command()
@@ -217,7 +224,7 @@ def web(ctx: click.Context) -> None:
     from qgate.web.stage import WebStage
 
     settings = _settings(ctx)
-    _run_stage(lambda: WebStage(settings))
+    _run_stage(lambda: WebStage(settings), "stage web")
 
 
 @main.group()

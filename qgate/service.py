@@ -10,7 +10,9 @@ configuration (the same ``--config`` and environment). A child that exits is sta
 again after a backoff (1 s, doubling to 30 s while it keeps failing within a minute of
 its start; a child whose worker slot is restarted requeues the jobs it held). SIGTERM or
 SIGINT stops every child with SIGTERM (each finishes the item in hand) and waits for them;
-one that has not exited after ``STOP_TIMEOUT`` seconds is killed. Should the supervisor
+one that has not exited after ``STOP_TIMEOUT`` seconds is killed. Each exit is logged with
+the child it was and how it ended (:func:`describe_exit`); "qgate serve stopped" only when
+the supervisor itself has stopped all of them. Should the supervisor
 itself die, the kernel kills its children (``PR_SET_PDEATHSIG``): a crash of the service
 stays one crash, with nothing left bound to its ports.
 """
@@ -47,6 +49,16 @@ def stages_for(settings: Settings) -> tuple[StageName, ...]:
     return tuple(s for s in STAGE_NAMES if s != "web" or settings.web.enabled)
 
 
+def describe_exit(returncode: int) -> str:
+    """How a child process ended, for the logs: "exit status 0", "killed by SIGKILL"."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
+
+
 def _die_with_parent(parent: int) -> Callable[[], None]:
     def preexec() -> None:  # runs in the child between fork and exec
         libc = ctypes.CDLL(None, use_errno=True)
@@ -73,10 +85,15 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def label(self) -> str:
+        """How the logs name this child."""
+        return f"stage {self.stage}"
+
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent(os.getpid()))
         self.started_at = time.monotonic()
-        log.info("stage %s started (pid %d)", self.stage, self.proc.pid)
+        log.info("%s started (pid %d)", self.label, self.proc.pid)
 
 
 @dataclass
@@ -91,6 +108,8 @@ class Supervisor:
     cli_args: Sequence[str] = ()
     stages: Sequence[StageName] | None = None
     children: list[Child] = field(default_factory=list)
+    #: What the logs call this supervisor and all its children together.
+    title: str = "qgate serve"
 
     def _argv(self, stage: StageName) -> list[str]:
         return [sys.executable, "-m", "qgate.cli", *self.cli_args, stage]
@@ -125,10 +144,10 @@ class Supervisor:
                 child.delay = BACKOFF_FIRST if ran >= BACKOFF_RESET else child.delay
                 child.due_at = now + child.delay
                 log.error(
-                    "stage %s (pid %d) exited with %s after %.0f s; restarting in %.0f s",
-                    child.stage,
+                    "%s (pid %d) exited unasked (%s) after %.0f s; restarting it in %.0f s",
+                    child.label,
                     proc.pid,
-                    proc.returncode,
+                    describe_exit(proc.returncode),
                     ran,
                     child.delay,
                 )
@@ -139,19 +158,33 @@ class Supervisor:
                 child.start()
 
     def stop(self) -> None:
-        """SIGTERM every child, wait for them, kill what is left after STOP_TIMEOUT."""
-        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
+        """SIGTERM every child, wait for them, kill what is left after STOP_TIMEOUT; log
+        how each ended."""
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        log.info("%s stopping: SIGTERM to %d process(es)", self.title, len(running))
+        for child in running:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in running:
+        for child in running:
+            proc = child.proc
+            assert proc is not None
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("pid %d did not stop in %.0f s: killed", proc.pid, STOP_TIMEOUT)
+                log.error(
+                    "%s (pid %d) did not stop within %.0f s of SIGTERM: killed",
+                    child.label,
+                    proc.pid,
+                    STOP_TIMEOUT,
+                )
                 proc.kill()
                 proc.wait()
-        log.info("qgate stopped")
+                continue
+            log.info(
+                "%s (pid %d) stopped: %s", child.label, proc.pid, describe_exit(proc.returncode)
+            )
+        log.info("%s stopped", self.title)
 
     def run(self, stop: threading.Event, *, interval: float = 0.5) -> None:
         """Start, supervise until ``stop`` is set, then stop."""

@@ -56,16 +56,24 @@ def open_store(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
     return engine, make_session_factory(engine, node=settings.node_name)
 
 
+def describe(stage: Stage) -> str:
+    """How the logs name a stage process: its optional ``label`` (a receiver process of
+    the receive stage says which), else "stage <name>"."""
+    label = getattr(stage, "label", None)
+    return label if isinstance(label, str) else f"stage {stage.name}"
+
+
 def run_stage(stage: Stage, stop: threading.Event) -> None:
     """Start ``stage``, wait until ``stop`` is set, then stop it."""
+    what = describe(stage)
     stage.start()
     # Everything loaded so far lives as long as the process. Freezing it keeps the
     # cyclic GC's full collections from rescanning it (~200k objects with torch,
     # SQLAlchemy and pydicom loaded: ~50 ms per full collection on the dev VM, a pause a
     # sender would wait through).
     gc.freeze()
-    log.info("stage %s running", stage.name)
+    log.info("%s running", what)
     stop.wait()
-    log.info("stage %s stopping", stage.name)
+    log.info("%s stopping", what)
     stage.stop()
-    log.info("stage %s stopped", stage.name)
+    log.info("%s stopped", what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -214,10 +215,22 @@ def test_serve_runs_the_configured_receiver_processes(tmp_path: Path) -> None:
             for c in Path(f"/proc/{serve}/task/{serve}/children").read_text().split()
             if Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[-2] == b"receive"
         ]
-        assert len(_listeners(q, started=2, stage=receive)) == 2
+        listeners = _listeners(q, started=2, stage=receive)
+        assert len(listeners) == 2
         assert q.echo()
     finally:
         q.stop()
+    # The stop is logged per process, with how each ended; the receive stage stopping its
+    # listener processes is not the service stopping.
+    log = q.log()
+    for pid in listeners:
+        assert re.search(
+            rf"receiver process \d of stage receive \(pid {pid}\) stopped: exit status 0", log
+        )
+    assert log.count("the listener processes of stage receive stopped") == 1
+    assert f"stage receive (pid {receive}) stopped: exit status 0" in log
+    assert log.count("qgate serve stopped") == 1 and "qgate stopped" not in log
+    assert log.rstrip().endswith("qgate serve stopped")
 
 
 def test_a_slot_folder_is_removed_once_its_owner_is_gone(tmp_path: Path) -> None:

@@ -249,12 +249,16 @@ class ListenerChild(Child):
 
     pass_fds: tuple[int, ...] = ()
 
+    @property
+    def label(self) -> str:
+        return f"receiver process {self.argv[-1]} of stage receive"
+
     def start(self) -> None:
         # No preexec_fn: this process has threads. The child asks for PR_SET_PDEATHSIG
         # itself (die_with_parent, given this pid), before it accepts anything.
         self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds)
         self.started_at = time.monotonic()
-        log.info("receiver %s started (pid %d)", self.argv[-1], self.proc.pid)
+        log.info("%s started (pid %d)", self.label, self.proc.pid)
 
 
 @dataclass
@@ -266,6 +270,7 @@ class ListenerSupervisor(Supervisor):
     when the thread that started a child ends.
     """
 
+    title: str = "the listener processes of stage receive"
     sock: socket.socket | None = None
     slots: Path | None = None
     count: int = 0

@@ -147,6 +147,8 @@ class ReceiveListener:
     ) -> None:
         self.settings = settings
         self.index = index
+        #: How the logs name this process (:func:`qgate.stage.describe`).
+        self.label = f"receiver process {index} of stage receive"
         self.fd = fd
         self.slots = slots
         self.parent = parent
