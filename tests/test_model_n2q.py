@@ -234,6 +234,8 @@ def test_instance_norm_is_torchs_function(channels_last: bool) -> None:
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
     # same parameter names: weights saved from torch's module load unchanged
     assert ours.state_dict().keys() == ref.state_dict().keys()
+    with pytest.raises(ValueError, match="spatial element"):  # as torch: no stats of 1 pixel
+        ours(torch.randn(2, 6, 1, 1))
 
 
 def test_map_is_one_where_the_slice_is_below_the_label_floor() -> None:

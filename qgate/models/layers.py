@@ -36,6 +36,10 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or not self.affine or self.track_running_stats:
             return super().forward(x)
+        if x.shape[2] * x.shape[3] <= 1:  # torch's own check: no statistics from 1 pixel
+            raise ValueError(
+                f"Expected more than 1 spatial element, got input size {list(x.shape)}"
+            )
         var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
         scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.bias[:, None, None] - mean * scale, x, scale)
