@@ -83,7 +83,6 @@ def _settings(
     weights: dict[str, Path | None],
     variants: dict[str, str | None],
 ) -> Settings:
-    max_slices = None if args.max_slices == "all" else int(args.max_slices)
     per_model: dict[str, dict[str, object]] = {}
     for family in LEARNED_SCORERS:
         cfg: dict[str, object] = {
@@ -92,7 +91,9 @@ def _settings(
             "amp": not args.fp32,
         }
         if family != "chestiqa":
-            cfg |= {"batch_size": args.batch_size, "max_slices": max_slices}
+            cfg |= {"batch_size": args.batch_size}
+            if args.max_slices is not None:  # else each model's default (scoring.<model>)
+                cfg["max_slices"] = None if args.max_slices == "all" else int(args.max_slices)
         per_model[family] = cfg
     return load_settings(
         path=None,
@@ -182,7 +183,9 @@ def main() -> None:
         "--random", action="store_true", help="random-init weights even if shipped ones exist"
     )
     ap.add_argument(
-        "--max-slices", default="64", help="slices the per-slice models score, or 'all'"
+        "--max-slices",
+        default=None,
+        help="slices the per-slice models score, or 'all' (default: each model's default)",
     )
     ap.add_argument(
         "--variants",
@@ -204,7 +207,7 @@ def main() -> None:
         help="scorer sets to time: names, 'all' = the three learned scorers",
     )
     args = ap.parse_args()
-    if args.max_slices != "all" and int(args.max_slices) < 2:
+    if args.max_slices not in (None, "all") and int(args.max_slices) < 2:
         ap.error("--max-slices must be >= 2 or 'all'")
 
     device = resolve_device(args.device)
@@ -245,6 +248,7 @@ def main() -> None:
         wall, cpu = _time(lambda: load_series(paths), args.reps)
         rows.append(("decode only", wall, cpu))
         described: dict[str, dict[str, object]] = {}
+        limits: dict[str, object] = {}
         streamed: list[tuple[str, float]] = []
         shape: PipelineShape | None = None
         for s in sets:
@@ -255,6 +259,7 @@ def main() -> None:
                 describe = getattr(sc, "describe", None)
                 if describe is not None:
                     described[sc.name] = describe()
+                    limits[sc.name] = getattr(getattr(sc, "config", None), "max_slices", "-")
             wall, cpu = _time(functools.partial(score_series, paths, scorers, []), args.reps)
             label = " + ".join(names) if s == "all" else s
             rows.append((label, wall, cpu))
@@ -277,7 +282,8 @@ def main() -> None:
         f"{torch.get_num_threads()}"
     )
     batch = args.batch_size or (CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
-    print(f"max_slices {args.max_slices}, batch size {batch}")
+    per_model = ", ".join(f"{k} {'all' if v is None else v}" for k, v in limits.items())
+    print(f"max_slices: {per_model}; batch size {batch}")
     for name, d in described.items():
         params = d["parameters"]
         assert isinstance(params, int)

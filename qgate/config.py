@@ -340,7 +340,10 @@ class ScoringConfig(BaseModel):
     # torch CPU threads for the learned scorers; unset: torch's default (one per core).
     torch_threads: int | None = Field(None, ge=1)
     mdiqa: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
-    n2q: SliceScorerConfig = Field(default_factory=SliceScorerConfig)
+    # Noise2Quality costs ~10x MD-IQA per slice on CPU, and its series mean barely moves
+    # with the sample: on held-out real series (134-275 slices) 32 slices gave every
+    # slice's mean to within 0.001 (training/reports/REPORT.md, round 5).
+    n2q: SliceScorerConfig = Field(default_factory=lambda: SliceScorerConfig(max_slices=32))
     chestiqa: LearnedScorerConfig = Field(default_factory=LearnedScorerConfig)
 
     def learned(self, name: str) -> LearnedScorerConfig:

@@ -288,3 +288,16 @@ def test_a_volume_staged_on_the_device_scores_as_host_memory(
         assert json.dumps(on_device.slices) == json.dumps(host.slices), name
         for a, b in zip(host.maps, on_device.maps, strict=True):
             assert np.array_equal(a.values, b.values, equal_nan=True)
+
+
+def test_default_slice_limits_match_the_example_config() -> None:
+    """Noise2Quality scores 32 slices per series by default (its mean is stable; it costs
+    ~10x MD-IQA per slice), MD-IQA 64; config.yaml shows the same numbers."""
+    import yaml
+
+    from qgate.config import Settings
+
+    scoring = Settings().scoring
+    assert (scoring.mdiqa.max_slices, scoring.n2q.max_slices) == (64, 32)
+    example = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["scoring"]
+    assert example["mdiqa"]["max_slices"] == 64 and example["n2q"]["max_slices"] == 32
