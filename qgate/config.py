@@ -255,12 +255,12 @@ class Threshold(BaseModel):
 #: ``Threshold`` on any of their outputs works, but none ships on. Evaluation behind that
 #: choice (issue 10, training/reports/REPORT.md, held-out real CT through an independent
 #: simulator): MD-IQA and Noise2Quality rank true SSIM better than the noise sigma
-#: (round 4: Spearman 0.94 / 0.86 routine, 0.94 / 0.90 sharp kernel, against 0.76 / 0.61),
-#: but an SSIM-like output ranks a routine sharp-kernel series (n2q.mean_quality 0.67-0.80,
-#: mdiqa.score 2.98-3.55) below a 5 %-dose smooth one (0.66-0.86, 3.03-3.50), and neither
+#: (round 5: Spearman 0.94 / 0.89 routine, 0.94 / 0.93 sharp kernel, against 0.76 / 0.61),
+#: but an SSIM-like output ranks a routine sharp-kernel series (n2q.mean_quality 0.76-0.92,
+#: mdiqa.score 2.98-3.55) below a 5 %-dose smooth one (0.78-0.92, 3.03-3.50), and neither
 #: dose class separates kernels, so no limit passes the first and flags the second.
-#: ``{scorer: n2q, output: mean_quality, min: 0.65}`` passes every routine series there,
-#: flags 7/8 at 5 % dose with a sharp kernel and 8/8 at 1/16 views, 0/8 at 5 % dose with
+#: ``{scorer: n2q, output: mean_quality, min: 0.75}`` passes every routine series there,
+#: flags 7/8 at 5 % dose with a sharp kernel and 5/8 at 1/16 views, 0/8 at 5 % dose with
 #: a smooth kernel (config.yaml shows it). The classical noise limit stays the default
 #: for low dose with soft-tissue kernels; it also flags sharp kernels (see above).
 DEFAULT_THRESHOLDS: tuple[Threshold, ...] = (
