@@ -106,6 +106,34 @@ def test_prepare_chest_input_noise_channel_tracks_noise() -> None:
     assert single.shape == (1, 1, 3, 32, 32)
 
 
+def test_prepare_chest_input_physical_field() -> None:
+    """With ``fov_mm`` a body keeps its size in mm whatever the pixel spacing, the padding
+    is air with no noise, and the pixel channel carries log2(spacing / 0.7)."""
+    rng = np.random.default_rng(0)
+    cfg = ChestInputConfig(depth=2, size=32, fov_mm=96.0, pixel_channel=True)
+    assert cfg.in_chans == 3 and cfg.needs_pixel_mm
+
+    def disc(n: int, px: float) -> np.ndarray:
+        yy, xx = np.mgrid[:n, :n] - (n - 1) / 2
+        body = (np.hypot(yy, xx) * px) < 24.0  # 48 mm across
+        hu = np.where(body, 40.0, -1000.0) + body * rng.normal(0, 20, (n, n))
+        return np.stack([hu, hu]).astype(np.float32)
+
+    fine = prepare_chest_input(disc(250, 0.5), cfg, pixel_mm=0.5)  # 125 mm: cropped
+    coarse = prepare_chest_input(disc(64, 1.0), cfg, pixel_mm=1.0)  # 64 mm: padded
+    assert fine.shape == coarse.shape == (1, 3, 2, 32, 32)
+    # 48 mm of body on a 96 mm field of 32 px: 16 px across in both
+    for x in (fine, coarse):
+        across = int((x[0, 0, 0, 16] > 0.3).sum())
+        assert 15 <= across <= 17, across
+    assert float(coarse[0, 1, 0, 0, 0]) == 0.0  # padded corner: no noise
+    assert float(coarse[0, 1, 0, 16, 16]) > 0.5  # body: the noise
+    assert float(fine[0, 2].mean()) == pytest.approx(np.log2(0.5 / 0.7), abs=1e-6)
+    assert float(coarse[0, 2].mean()) == pytest.approx(np.log2(1.0 / 0.7), abs=1e-6)
+    with pytest.raises(ValueError, match="pixel spacing"):
+        prepare_chest_input(disc(64, 1.0), cfg)
+
+
 def test_device_helpers_on_cpu() -> None:
     x = torch.zeros(1, 2, 8, 8)
     assert device_layout(x) is x

@@ -236,7 +236,7 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
         serving = active_weights(s, root=settings.storage.root)["chestiqa"]
         labels = reviewed_labels(s)
         held = {
-            uid: load_slices(series_paths(s, uid, settings.storage.root), 3, keep_full=True)[1]
+            uid: load_slices(series_paths(s, uid, settings.storage.root), 3, keep_full=True)[1:]
             for uid in out["data"]["held_out_series"]
         }
     chest_should_serve = out["promoted"] and cand["mae"] <= cur["mae"]
@@ -249,8 +249,11 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
     assert model.quality.coef.tolist() == pytest.approx(cand["coef"], abs=1e-5)
     assert float(model.quality.intercept) == pytest.approx(cand["intercept"], abs=1e-5)
     errors = [
-        abs(predict_chestiqa(model, hu, amp=False).score - (1 + 9 * labels[uid][0] / 4))  # type: ignore[arg-type]
-        for uid, hu in held.items()
+        abs(
+            predict_chestiqa(model, hu, pixel_mm=px, amp=False).score  # type: ignore[arg-type]
+            - (1 + 9 * labels[uid][0] / 4)
+        )
+        for uid, (hu, px) in held.items()
     ]
     assert float(np.mean(errors)) == pytest.approx(cand["mae"], abs=2e-3)
 

@@ -52,14 +52,26 @@ def build_randomized_cmd(
 @click.option("--worker", default="0/1", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--realct", default=".cache/realct", show_default=True)
-def build_chest_cmd(out: str, blocks: int, worker: str, threads: int, realct: str) -> None:
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--doses-per-class",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Doses per dose class and kernel, from one noise realisation.",
+)
+def build_chest_cmd(
+    out: str, blocks: int, worker: str, threads: int, realct: str, seed: int, doses_per_class: int
+) -> None:
     """Domain-randomised Chest CT-IQA volumes (resumable)."""
     from training.datasets.chest_dr import ChestDRConfig, build_chest_dr
 
     _threads(threads)
     made = build_chest_dr(
         out,
-        ChestDRConfig(n_blocks=blocks, realct_dir=realct),
+        ChestDRConfig(
+            n_blocks=blocks, realct_dir=realct, seed=seed, doses_per_class=doses_per_class
+        ),
         worker=_worker(worker),
         echo=click.echo,
     )
@@ -76,6 +88,11 @@ def build_chest_cmd(out: str, blocks: int, worker: str, threads: int, realct: st
 @click.option("--init", default=None, help="Weights to start from (default: shipped).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--dose-only", is_flag=True, help="N2Q: train the dose head alone.")
+@click.option(
+    "--crops",
+    default="",
+    help="Context sizes in px, comma-separated (one drawn per step); default: 128 only.",
+)
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -86,6 +103,7 @@ def fit_randomized_cmd(
     init: str | None,
     lr: float,
     dose_only: bool,
+    crops: str,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
@@ -98,6 +116,7 @@ def fit_randomized_cmd(
         init=init,
         lr=lr,
         dose_only=dose_only,
+        crops=tuple(int(c) for c in crops.split(",") if c.strip()),
     )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 

@@ -586,9 +586,9 @@ def _ladder_section(plan: EvalPlan, out: Path, echo: Echo) -> Section:
         assert isinstance(ch, ChestIQANet)
         csplits = read_manifest(plan.data["chest"])["splits"]
         cs: dict[str, Callable[[np.ndarray, float], float]] = {
-            "Chest SNR": lambda hu, px: predict_chestiqa(ch, hu).snr,
-            "Chest P(high dose)": lambda hu, px: predict_chestiqa(ch, hu).dose_prob,
-            "Chest score (paper fit)": lambda hu, px: predict_chestiqa(ch, hu).score,
+            "Chest SNR": lambda hu, px: predict_chestiqa(ch, hu, pixel_mm=px).snr,
+            "Chest P(high dose)": lambda hu, px: predict_chestiqa(ch, hu, pixel_mm=px).dose_prob,
+            "Chest score (paper fit)": lambda hu, px: predict_chestiqa(ch, hu, pixel_mm=px).score,
         }
         for r in run_ladders(
             chest_anatomies(csplits, n=1), cs, device=dev, view_steps=(), kernel="smooth", echo=echo

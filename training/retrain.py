@@ -79,19 +79,22 @@ class _SeriesData:
     uid: str
     hu: np.ndarray  # (S, H, W) the chosen slices
     full_hu: np.ndarray | None  # every slice (Chest CT-IQA)
+    pixel_mm: float  # in-plane spacing (Chest CT-IQA's physical field)
     score: float
 
 
 def load_slices(
     paths: Sequence[str | Path], k: int, *, keep_full: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``k`` evenly spaced slices of a series (HU), and every slice when ``keep_full``."""
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """``k`` evenly spaced slices of a series (HU), every slice when ``keep_full``, and the
+    in-plane pixel spacing (mm)."""
     from qgate.scoring.learned import subsample_indices
     from qgate.volume import load_series
 
-    hu = load_series([str(p) for p in paths]).volume.hu
+    volume = load_series([str(p) for p in paths]).volume
+    hu = volume.hu
     picked = np.ascontiguousarray(hu[subsample_indices(len(hu), k)], np.float32)
-    return picked, (hu if keep_full else None)
+    return picked, (hu if keep_full else None), float(np.mean(volume.pixel_spacing))
 
 
 def _labelled(rows: Sequence[LabelledSeries], k: int, *, keep_full: bool) -> list[_SeriesData]:
@@ -375,7 +378,10 @@ def _refit_chest(
 
     def feats(rows: list[_SeriesData]) -> np.ndarray:
         return np.asarray(
-            [predict_chestiqa(model, r.full_hu, amp=False).features for r in rows]  # type: ignore[arg-type]
+            [
+                predict_chestiqa(model, r.full_hu, pixel_mm=r.pixel_mm, amp=False).features  # type: ignore[arg-type]
+                for r in rows
+            ]
         )
 
     def to10(rows: list[_SeriesData]) -> np.ndarray:

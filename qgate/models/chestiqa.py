@@ -430,8 +430,13 @@ class ChestIQAPrediction:
         }
 
 
-def predict_chestiqa(model: ChestIQANet, hu: ArrayLike, *, amp: bool = True) -> ChestIQAPrediction:
+def predict_chestiqa(
+    model: ChestIQANet, hu: ArrayLike, *, pixel_mm: float | None = None, amp: bool = True
+) -> ChestIQAPrediction:
     """Run Chest CT-IQA on a series in HU, (S, H, W) sorted along the patient axis.
+
+    ``pixel_mm`` (in-plane spacing) is required by inputs on a physical field
+    (``ChestInputConfig.fov_mm``, ``pixel_channel``).
 
     The model is put in eval mode and runs on its own device; preprocessing
     (``model.data_config``) runs there too. On CUDA: channels_last_3d and bf16 autocast.
@@ -444,7 +449,9 @@ def predict_chestiqa(model: ChestIQANet, hu: ArrayLike, *, amp: bool = True) -> 
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last_3d)
     with inference_context(device, amp=amp):
-        x = prepare_chest_input(hu_t.to(device, non_blocking=True), model.data_config)
+        x = prepare_chest_input(
+            hu_t.to(device, non_blocking=True), model.data_config, pixel_mm=pixel_mm
+        )
         out = model(device_layout(x))
         feats = model.quality_features(out)
         score = model.quality(feats)

@@ -408,6 +408,16 @@ class ChestInputConfig:
         With two scales the network sees the noise's spectrum, not only its amplitude: a
         sharp (lung, bone) kernel puts its noise at the finest scale, a smooth one at
         coarser ones, and the dose is the amplitude relative to that.
+    fov_mm : float or None
+        Place every slice on a square field of this many mm (centred; cropped, or padded
+        with air and zero noise) before resizing to ``size``, so one input pixel is always
+        ``fov_mm / size`` mm and the patient's size in the input is their physical size.
+        The noise a dose gives depends on that size (attenuation); ``None`` resizes the
+        whole slice, whatever its pixel spacing (ours, issue 10).
+    pixel_channel : bool
+        Add a constant channel ``log2(pixel_mm / 0.7)``: per-pixel noise at one dose
+        depends on the reconstruction pixel, which the image alone does not show (ours).
+        Both need the pixel spacing (``prepare_chest_input(..., pixel_mm=)``).
     """
 
     depth: int = 32
@@ -418,6 +428,8 @@ class ChestInputConfig:
     noise_ref_hu: float = 10.0
     highpass_sigma: float = 1.0
     extra_sigmas: tuple[float, ...] = ()
+    fov_mm: float | None = None
+    pixel_channel: bool = False
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.extra_sigmas):
@@ -430,29 +442,58 @@ class ChestInputConfig:
             raise ValueError(f"hu_range must be (low, high), got {self.hu_range}")
         if self.noise_ref_hu <= 0:
             raise ValueError(f"noise_ref_hu must be > 0, got {self.noise_ref_hu}")
+        if self.fov_mm is not None and self.fov_mm <= 0:
+            raise ValueError(f"fov_mm must be > 0, got {self.fov_mm}")
 
     @property
     def in_chans(self) -> int:
-        return 1 + int(self.noise_channel) + len(self.extra_sigmas)
+        return 1 + int(self.noise_channel) + len(self.extra_sigmas) + int(self.pixel_channel)
+
+    @property
+    def needs_pixel_mm(self) -> bool:
+        return self.fov_mm is not None or self.pixel_channel
 
 
-def prepare_chest_input(hu: ArrayLike, cfg: ChestInputConfig) -> torch.Tensor:
+def to_field(x: torch.Tensor, n: int, fill: float) -> torch.Tensor:
+    """The last two axes centred on an ``n`` x ``n`` field: cropped, or padded with
+    ``fill``."""
+    h, w = x.shape[-2:]
+    top, left = (h - n) // 2, (w - n) // 2
+    # F.pad crops where the padding is negative
+    return F.pad(x, (-left, n - w + left, -top, n - h + top), value=fill)
+
+
+def prepare_chest_input(
+    hu: ArrayLike, cfg: ChestInputConfig, *, pixel_mm: float | None = None
+) -> torch.Tensor:
     """A series in HU (S, H, W) -> model input (1, C, depth, size, size), float32.
 
-    Runs on ``hu``'s device (pass a CUDA tensor to preprocess on the GPU).
+    ``pixel_mm`` (in-plane pixel spacing) is needed when ``cfg.fov_mm`` or
+    ``cfg.pixel_channel`` is set. Runs on ``hu``'s device (pass a CUDA tensor to
+    preprocess on the GPU).
     """
     t = as_tensor(hu)
     if t.ndim != 3:
         raise ValueError(f"hu must be (slices, rows, cols), got shape {tuple(t.shape)}")
+    if cfg.needs_pixel_mm and not (pixel_mm and pixel_mm > 0):
+        raise ValueError(f"this input needs the pixel spacing in mm, got {pixel_mm!r}")
     idx = torch.from_numpy(depth_indices(t.shape[0], cfg.depth, cfg.depth_mode))
     vol = t.index_select(0, idx.to(t.device))
-    chans = [resize2d(hu_to_unit(vol, cfg.hu_range), cfg.size)]
+    field = None if cfg.fov_mm is None else max(1, round(cfg.fov_mm / float(pixel_mm)))  # type: ignore[arg-type]
+
+    def placed(x: torch.Tensor, fill: float) -> torch.Tensor:
+        return x if field is None else to_field(x, field, fill)
+
+    chans = [resize2d(placed(hu_to_unit(vol, cfg.hu_range), 0.0), cfg.size)]
+    # the high-pass runs on the slice as acquired (no padded edge), the field after it
     if cfg.noise_channel:
-        hp = high_pass(vol, sigma=cfg.highpass_sigma)
+        hp = placed(high_pass(vol, sigma=cfg.highpass_sigma), 0.0)
         chans.append(torch.log1p(local_rms(hp, cfg.size) / cfg.noise_ref_hu))
     for sigma in cfg.extra_sigmas:
-        hp = high_pass(vol, sigma=sigma)
+        hp = placed(high_pass(vol, sigma=sigma), 0.0)
         chans.append(torch.log1p(local_rms(hp, cfg.size) / cfg.noise_ref_hu))
+    if cfg.pixel_channel:
+        chans.append(torch.full_like(chans[0], math.log2(float(pixel_mm) / 0.7)))  # type: ignore[arg-type]
     return torch.stack(chans, dim=0)[None].contiguous()
 
 

@@ -572,7 +572,10 @@ class ChestIQAScorer(_LearnedScorer):
         idx = depth_indices(volume.n_slices, data.depth, data.depth_mode)
         with self._cpu_autocast():
             pred = predict_chestiqa(
-                self.chest, _model_input(volume, idx, self.device), amp=self.cuda_amp
+                self.chest,
+                _model_input(volume, idx, self.device),
+                pixel_mm=float(sum(volume.pixel_spacing)) / 2.0,
+                amp=self.cuda_amp,
             )
         # The quality module in fp32, whatever precision the network ran in.
         with torch.inference_mode():

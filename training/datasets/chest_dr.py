@@ -54,7 +54,9 @@ LUNG_KERNELS = ("shepp-logan", "sharp")
 # budget gives routine clinical noise (docs/simulator.md): the dose class is noise relative
 # to routine, so the coarse (binned) geometries, quieter at the same dose, are left out.
 CHEST_GEOMETRIES = ("as-576v", "parallel")
-CHEST_INPUT = ChestInputConfig(depth=6, extra_sigmas=(2.5,))
+# the patient on a 480 mm field (3.75 mm per input pixel) and the pixel spacing as a
+# channel: the noise one dose gives depends on both (round 6)
+CHEST_INPUT = ChestInputConfig(depth=6, extra_sigmas=(2.5,), fov_mm=480.0, pixel_channel=True)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,11 @@ class ChestDRConfig:
     # fractions of routine dose (ROUTINE_EFF of the simulator's photon budget)
     high: tuple[float, float] = (0.6, 1.6)
     low: tuple[float, float] = (0.12, 0.35)
+    # doses drawn per class and kernel from the one noise realisation (stratified in
+    # log dose): FBP is linear, so each extra dose costs a scaling, not a reconstruction
+    doses_per_class: int = 1
     output_range: tuple[float, float] = (0.5, 1.6)
-    pixels_mm: tuple[float, ...] = (0.6, 0.7, 0.8)
+    pixels_mm: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0)
     p_phantom: float = 0.25
     p_chest: float = 0.75  # among real sources: a chest source (else any training source)
     val_fraction: float = 0.15
@@ -82,6 +87,18 @@ def _lung_fraction(sl: np.ndarray) -> float:
 
     filled = binary_fill_holes(body)
     return float(((sl < -500) & filled).sum() / max(1, filled.sum()))
+
+
+def _class_doses(
+    rng: np.random.Generator, span: tuple[float, float], n: int, out_f: float
+) -> list[float]:
+    """``n`` simulator doses for one class: one log-uniform draw in each of ``n`` equal
+    log-dose strata of ``span`` (fractions of routine), divided by the tube output."""
+    lo, hi = np.log(span[0]), np.log(span[1])
+    edges = np.linspace(lo, hi, n + 1)
+    return [
+        ROUTINE_EFF * float(np.exp(rng.uniform(edges[i], edges[i + 1]))) / out_f for i in range(n)
+    ]
 
 
 def pick_volume(
@@ -140,8 +157,8 @@ def build_block(
         sim = sims[geo] = LowDoseSimulator(params, cache_bytes=_cache_bytes())
     sim.params = params
     px = float(rng.choice(cfg.pixels_mm))
-    d_high = ROUTINE_EFF * float(np.exp(rng.uniform(*np.log(cfg.high)))) / out_f
-    d_low = ROUTINE_EFF * float(np.exp(rng.uniform(*np.log(cfg.low)))) / out_f
+    doses = [(1, d) for d in _class_doses(rng, cfg.high, cfg.doses_per_class, out_f)]
+    doses += [(0, d) for d in _class_doses(rng, cfg.low, cfg.doses_per_class, out_f)]
     kernels = {0: str(rng.choice(SOFT_KERNELS)), 1: str(rng.choice(LUNG_KERNELS))}
     gen = sim.generator(int(rng.integers(2**31)))
     hu = torch.from_numpy(objects)
@@ -169,9 +186,9 @@ def build_block(
         )
         ref = b.clean
         body = (ref > -500).numpy()
-        for dc, d in ((1, d_high), (0, d_low)):
+        for dc, d in doses:
             v = b.at(min(d, 1.5))
-            x = prepare_chest_input(v, CHEST_INPUT)[0]
+            x = prepare_chest_input(v, CHEST_INPUT, pixel_mm=px)[0]
             c, w = WINDOWS["lung" if wc else "mediastinum"]
             img = window(v, c, w)
             pick = np.linspace(0, cfg.depth - 1, cfg.brisque_slices).round().astype(int)

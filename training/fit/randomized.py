@@ -43,6 +43,9 @@ class DRFitConfig:
     weight_decay: float = 1e-5
     warmup: int = 50
     crop: int = 128
+    # several context sizes (a size drawn per step; the InstanceNorms then see the
+    # statistics of several window sizes); empty: ``crop`` only
+    crops: tuple[int, ...] = ()
     seed: int = 0
     val_every: int = 100
     time_budget_s: float | None = None
@@ -118,9 +121,7 @@ def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
         return base
     # served as windows of the training crop size (round 4; N2QInputConfig.tile)
     serve = replace(base.cfg.input, tile=cfg.crop, tile_stride=cfg.crop * 3 // 4)
-    model = create_model(
-        "n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve
-    )
+    model = create_model("n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve)
     model.load_state_dict(base.state_dict())
     return model
 
@@ -225,7 +226,10 @@ def fit_dr(
     running = 0.0
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        hu, y = _windows(train["hu"][idx], train["ssim"][idx], cfg.crop, g)
+        size = cfg.crop
+        if cfg.crops:
+            size = cfg.crops[int(torch.randint(0, len(cfg.crops), (), generator=g))]
+        hu, y = _windows(train["hu"][idx], train["ssim"][idx], size, g)
         x = inputs(hu)
         if is_md:
             loss = supervised_loss(model(x), 4.0 * y.mean(dim=(1, 2)).to(device), model.cfg).total
