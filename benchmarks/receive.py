@@ -16,7 +16,7 @@ drifting affects all of them alike.
 
 qgate runs as ``qgate receive`` (``--receivers`` processes on one port, its database
 recorded: SQLite WAL, synchronous=NORMAL) with fsync on (one flush per instance, see
-qgate/spool.py); Orthanc (Debian) runs with its defaults (SQLite index, one fdatasync per
+qgate/core/spool.py); Orthanc (Debian) runs with its defaults (SQLite index, one fdatasync per
 instance, TcpNoDelay). storescu runs with TCP_NODELAY=1.
 
 ``--without NAME`` (repeatable) adds a qgate variant with that pynetdicom internal turned
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from qgate.config import RECEIVE_INTERNALS
+from qgate.core.config import RECEIVE_INTERNALS
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
 from tests.support.orthanc import Orthanc, start_orthanc

@@ -57,7 +57,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, create_engine, select
 
 from benchmarks.receive import _TICK, _cpu_seconds
-from qgate.db.models import Event, OutboxItem, Result, Series
+from qgate.core.db.models import Event, OutboxItem, Result, Series
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
 from tests.support.orthanc import Orthanc, start_orthanc

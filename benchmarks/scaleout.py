@@ -39,9 +39,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
-from qgate.config import load_settings
-from qgate.db import Job, make_engine, make_session_factory, upgrade
-from qgate.db.models import utcnow
+from qgate.core.config import load_settings
+from qgate.core.db import Job, make_engine, make_session_factory, upgrade
+from qgate.core.db.models import utcnow
 from tests.conftest import free_port
 from tests.support.postgres import create_database, postgres_server
 from tests.support.qgate_proc import QgateProcess

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from qgate.config import Settings, load_settings
+from qgate.core.config import Settings, load_settings
 from qgate.pipeline import LEARNED_SCORERS, build_scorers, score_loaded, score_series
 from qgate.score.prefetch import PipelineShape, Prefetcher, SeriesDecoder, adopt, pipeline_shape
 from qgate.scoring import Scorer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from qgate.db.models import Base
-from qgate.db.session import make_engine
+from qgate.core.db.models import Base
+from qgate.core.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from qgate.config import Settings
-from qgate.db.models import AuditEntry, Instance, Series
+from qgate.core.config import Settings
+from qgate.core.db.models import AuditEntry, Instance, Series
 from qgate.dispatch.outbox import list_items
 from qgate.dispatch.outbox import retry as retry_sends
 from qgate.gate import ReleaseError, release_series

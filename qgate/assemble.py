@@ -24,9 +24,9 @@ import threading
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import SeriesConfig, Settings
-from qgate.db.models import Series, utcnow
-from qgate.events import record
+from qgate.core.config import SeriesConfig, Settings
+from qgate.core.db.models import Series, utcnow
+from qgate.core.events import record
 from qgate.queue import enqueue_score
 
 log = logging.getLogger(__name__)

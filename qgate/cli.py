@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from qgate.config import Settings, load_settings
+from qgate.core.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from qgate.stage import Stage
+    from qgate.core.stage import Stage
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -79,7 +79,7 @@ def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
-    from qgate.db import make_engine, make_session_factory
+    from qgate.core.db import make_engine, make_session_factory
 
     engine = make_engine(settings.database.url)
     where = engine.url.render_as_string(hide_password=True)
@@ -134,7 +134,7 @@ def _stop_on_signals(what: str) -> Iterator[threading.Event]:
 def _run_stage(make: Callable[[], Stage], what: str) -> None:
     """Run the stage ``make()`` builds until SIGTERM/SIGINT; a clear error if it cannot.
     ``what`` names the process in the logs."""
-    from qgate.stage import SchemaNotReady, run_stage
+    from qgate.core.stage import SchemaNotReady, run_stage
 
     with _stop_on_signals(what) as done:
         try:
@@ -147,7 +147,7 @@ def _run_stage(make: Callable[[], Stage], what: str) -> None:
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run every stage on this machine, each as a supervised process (migrates first)."""
-    from qgate.service import Supervisor, config_args
+    from qgate.core.service import Supervisor, config_args
 
     state = ctx.find_root().ensure_object(dict)
     settings = _settings(ctx)
@@ -170,9 +170,9 @@ def receive(
     listener: int | None,
 ) -> None:
     """Run the receive stage: the DICOM SCP (dicom.receivers processes) and series assembly."""
+    from qgate.core.service import config_args
     from qgate.receive.listener import receive_argv
     from qgate.receive.stage import ReceiveListener, ReceiveStage
-    from qgate.service import config_args
 
     settings = _settings(ctx)
     if listen_fd is not None:  # started by the receive stage (qgate/receive/listener.py)
@@ -237,7 +237,7 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Apply the Alembic migrations."""
-    from qgate.db import upgrade
+    from qgate.core.db import upgrade
 
     settings = _settings(ctx)
     upgrade(settings.database.url, revision, storage_root=settings.storage.root)
@@ -250,7 +250,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def score(ctx: click.Context, path: Path, as_json: bool) -> None:
     """Score every CT series under PATH, offline (no network, no database)."""
-    from qgate.degrade import SkippedPart
+    from qgate.core.degrade import SkippedPart
     from qgate.pipeline import NothingScored, build_scorers, score_series
     from qgate.volume import SeriesLoadError, find_series
 
@@ -482,7 +482,7 @@ def models() -> None:
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """Registered versions, and what each model kind serves now."""
-    from qgate.registry import active_weights, list_versions
+    from qgate.core.registry import active_weights, list_versions
 
     settings = _settings(ctx)
     with _sessions(settings)() as session:
@@ -514,7 +514,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_activate(ctx: click.Context, version: str) -> None:
     """Serve VERSION from the next scoring job on (use an older version to roll back)."""
-    from qgate.registry import RegistryError, activate
+    from qgate.core.registry import RegistryError, activate
 
     settings = _settings(ctx)
     with _sessions(settings)() as session:

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qgate.config import DEFAULT_THRESHOLDS as DEFAULT_THRESHOLDS
-from qgate.config import Threshold
+from qgate.core.config import DEFAULT_THRESHOLDS as DEFAULT_THRESHOLDS
+from qgate.core.config import Threshold
 from qgate.scoring.base import ScoreOutput
 
-# The defaults live in qgate.config (no scorer imports there); re-exported here.
+# The defaults live in qgate.core.config (no scorer imports there); re-exported here.
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qgate.config import Settings
-from qgate.db.models import Instance, Job, Series
+from qgate.core.config import Settings
+from qgate.core.db.models import Instance, Job, Series
+from qgate.core.events import record
 from qgate.dispatch.outbox import Destination, enqueue
-from qgate.events import record
 
 
 class ReleaseError(Exception):

@@ -1,7 +1,7 @@
 """Score one series from its files: load, run every scorer, decide.
 
 Pure and database-free, so the worker and the offline ``qgate score`` share it. A scorer
-that raises on a series is skipped with a :class:`~qgate.degrade.SkippedPart` and the
+that raises on a series is skipped with a :class:`~qgate.core.degrade.SkippedPart` and the
 others still count (degrade, don't fail); only a series no scorer could measure fails.
 """
 
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qgate.config import Settings, Threshold
+from qgate.core.config import Settings, Threshold
+from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.families import FAMILY_NAMES
 from qgate.decide import Decision, decide
-from qgate.degrade import PartKind, SkippedPart, SkipReason
 from qgate.scoring import ScoreOutput, Scorer, create_scorer
 from qgate.scoring.learned import set_torch_threads
 from qgate.volume import LoadedSeries, load_series

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from qgate.db.models import Job, Series, utcnow
-from qgate.events import record
+from qgate.core.db.models import Job, Series, utcnow
+from qgate.core.events import record
 
 STAGE = "queue"
 

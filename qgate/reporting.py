@@ -24,7 +24,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import RLELossless, generate_uid
 
 from qgate import __version__
-from qgate.degrade import OutputName, PartKind, SkippedPart, SkipReason
+from qgate.core.degrade import OutputName, PartKind, SkippedPart, SkipReason
+from qgate.core.spool import write_atomic
 from qgate.pipeline import ScoredSeries
 from qgate.report import (
     QualityReport,
@@ -33,7 +34,6 @@ from qgate.report import (
     build_quality_sr,
 )
 from qgate.report.sc import select_slices
-from qgate.spool import write_atomic
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

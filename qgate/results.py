@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qgate.db.models import Result, Series
+from qgate.core.db.models import Result, Series
 
 
 def current_result(session: Session, series_uid: str) -> Result | None:
@@ -40,7 +40,7 @@ def result_object(session: Session, series: Series) -> dict[str, Any]:
         "instances": series.instance_count,
         "held": series.held,
         "slices_scored": res.slices_scored if res else 0,
-        # Scorers and report objects the result left out (qgate.degrade.SkippedPart).
+        # Scorers and report objects the result left out (qgate.core.degrade.SkippedPart).
         "skipped_parts": list(res.skipped_parts) if res else [],
         "scored_at": res.created_at.isoformat() if res else None,
     }

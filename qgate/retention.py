@@ -35,10 +35,10 @@ from typing import Any, Literal
 from sqlalchemy import Update, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import AuditEntry, Event, Instance, OutboxItem, Result, Series, utcnow
-from qgate.events import record
-from qgate.storage import to_local
+from qgate.core.config import Settings
+from qgate.core.db.models import AuditEntry, Event, Instance, OutboxItem, Result, Series, utcnow
+from qgate.core.events import record
+from qgate.core.storage import to_local
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 purge (``retention.cron``), each when enabled (APScheduler, one run of each at a time).
 
 The worker stage hosts the scheduler, so every node that scores has one; each job runs
-under a cluster-wide lock (:func:`qgate.db.lock.cluster_lock`), so one retraining and one
+under a cluster-wide lock (:func:`qgate.core.db.lock.cluster_lock`), so one retraining and one
 purge run per cluster at a time, whichever node's schedule fires first.
 """
 
@@ -14,8 +14,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.lock import cluster_lock
+from qgate.core.config import Settings
+from qgate.core.db.lock import cluster_lock
 
 log = logging.getLogger(__name__)
 

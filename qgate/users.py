@@ -23,8 +23,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from qgate.config import WebConfig
-from qgate.db.models import AuditEntry, User, utcnow
+from qgate.core.config import WebConfig
+from qgate.core.db.models import AuditEntry, User, utcnow
 
 Role = Literal["radiologist", "admin"]
 ROLES: tuple[str, ...] = get_args(Role)

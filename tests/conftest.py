@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings, load_settings
-from qgate.db import make_engine, make_session_factory, upgrade
+from qgate.core.config import Settings, load_settings
+from qgate.core.db import make_engine, make_session_factory, upgrade
 from tests.support.postgres import create_database, postgres_server
 
 

@@ -16,9 +16,9 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
-from qgate.config import AllowedPeer, Settings, load_settings
-from qgate.db import Instance, make_engine, make_session_factory, upgrade
-from qgate.diskspace import disk_space
+from qgate.core.config import AllowedPeer, Settings, load_settings
+from qgate.core.db import Instance, make_engine, make_session_factory, upgrade
+from qgate.core.diskspace import disk_space
 from qgate.receive import start_scp
 from qgate.receive.policy import REJECT_DISK_LOW, REJECT_PEER, peer_allowed
 from qgate.synth import make_ct_series, write_series

@@ -26,8 +26,8 @@ from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.cli import main
-from qgate.config import Settings
-from qgate.db import OutboxItem, Series, make_engine, make_session_factory
+from qgate.core.config import Settings
+from qgate.core.db import OutboxItem, Series, make_engine, make_session_factory
 from qgate.dispatch import Destination, enqueue, run_once
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port

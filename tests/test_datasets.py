@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qgate.physics import (
+from qgate.core.physics import (
     body_mask,
     brisque_label,
     high_pass,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import insert, inspect, select
 
-from qgate.db import Base, Instance, OutboxItem, Result, Series, make_engine, upgrade
-from qgate.db.models import ModelVersion, TrainingRun
-from qgate.storage import to_local
+from qgate.core.db import Base, Instance, OutboxItem, Result, Series, make_engine, upgrade
+from qgate.core.db.models import ModelVersion, TrainingRun
+from qgate.core.storage import to_local
 
 
 def test_migrations_create_the_whole_schema(db_url: str) -> None:
@@ -102,9 +102,9 @@ def test_migrations_0007_0008_promoted_models_and_relative_weights(
     from alembic import command
     from sqlalchemy import JSON, Boolean, DateTime, Integer, Text, column, table
 
+    from qgate.core.db.migrate import alembic_config
     from qgate.core.families import SHIPPED_WEIGHTS_DIR
-    from qgate.db.migrate import alembic_config
-    from qgate.registry import local_weights_path
+    from qgate.core.registry import local_weights_path
 
     root = tmp_path / "var"
     runs = table(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qgate.config import Threshold
+from qgate.core.config import Threshold
 from qgate.decide import DEFAULT_THRESHOLDS, Decision, decide
 from qgate.scoring import ScoreOutput
 

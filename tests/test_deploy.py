@@ -27,7 +27,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from qgate.config import HOME_ENV, Settings, load_settings
+from qgate.core.config import HOME_ENV, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -27,8 +27,8 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import ArchiveConfig, DispatchConfig, Settings
-from qgate.db.models import Event, OutboxItem
+from qgate.core.config import ArchiveConfig, DispatchConfig, Settings
+from qgate.core.db.models import Event, OutboxItem
 from qgate.dispatch import (
     Destination,
     Dispatcher,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qgate.config import LearnedScorerConfig, SliceScorerConfig, load_settings
+from qgate.core.config import LearnedScorerConfig, SliceScorerConfig, load_settings
 from qgate.pipeline import build_scorers, scores_json
 from qgate.report.sc import select_slices
 from qgate.scoring import SeriesVolume, create_scorer
@@ -295,7 +295,7 @@ def test_default_slice_limits_match_the_example_config() -> None:
     ~10x MD-IQA per slice), MD-IQA 64; config.yaml shows the same numbers."""
     import yaml
 
-    from qgate.config import Settings
+    from qgate.core.config import Settings
 
     scoring = Settings().scoring
     assert (scoring.mdiqa.max_slices, scoring.n2q.max_slices) == (64, 32)

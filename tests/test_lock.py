@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from qgate.config import Settings
-from qgate.db import make_engine, make_session_factory
-from qgate.db.lock import cluster_lock
-from qgate.db.models import TrainingRun
+from qgate.core.config import Settings
+from qgate.core.db import make_engine, make_session_factory
+from qgate.core.db.lock import cluster_lock
+from qgate.core.db.models import TrainingRun
 from qgate.retrain import RETRAIN_LOCK, RetrainBusy, run_retrain
 
 

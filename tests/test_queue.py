@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
-from qgate.config import Settings
-from qgate.db.models import Event, Job, Series, utcnow
+from qgate.core.config import Settings
+from qgate.core.db.models import Event, Job, Series, utcnow
 from qgate.queue import claim, enqueue_score, fail, finish, list_jobs, release_owner, retry_parked
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -144,7 +144,7 @@ def test_association_release_shortens_the_wait(settings: Settings, sessions) -> 
 
 def test_completion_state_is_in_sql(settings: Settings, sessions) -> None:  # type: ignore[no-untyped-def]
     """A fresh session factory (a restarted process) sees the same state."""
-    from qgate.db import make_engine, make_session_factory
+    from qgate.core.db import make_engine, make_session_factory
 
     _series(sessions, "1.2.12", last_received_at=utcnow() - dt.timedelta(seconds=120))
     engine = make_engine(settings.database.url)

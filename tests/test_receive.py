@@ -40,9 +40,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate import spool
-from qgate.config import Settings
-from qgate.db import Event, Instance, Series, make_engine, make_session_factory
+from qgate.core import spool
+from qgate.core.config import Settings
+from qgate.core.db import Event, Instance, Series, make_engine, make_session_factory
+from qgate.core.spool import spool_path, write_atomic
+from qgate.core.storage import to_local
+from qgate.core.uids import clean_uid, is_valid_uid
 from qgate.receive import TRANSFER_SYNTAXES, start_scp
 from qgate.receive.handlers import (
     CANNOT_UNDERSTAND,
@@ -53,10 +56,7 @@ from qgate.receive.handlers import (
 )
 from qgate.receive.reactor import start_server
 from qgate.receive.scp import build_ae, event_handlers
-from qgate.spool import spool_path, write_atomic
-from qgate.storage import to_local
 from qgate.synth import make_ct_series, write_series
-from qgate.uids import clean_uid, is_valid_uid
 from tests.support.dicomfiles import (
     LOSSY,
     MAKERS,
@@ -654,8 +654,8 @@ def test_database_failure_is_not_acknowledged(settings: Settings, tmp_path: Path
 def test_spool_file_without_a_row_is_recovered_at_startup(settings, sessions) -> None:  # type: ignore[no-untyped-def]
     """A power loss may drop the last SQLite commits (synchronous=NORMAL): the fsynced
     spool file is the truth, and start-up recovery records it again."""
+    from qgate.core.spool import spool_path, write_atomic
     from qgate.receive.recover import recover_spool
-    from qgate.spool import spool_path, write_atomic
     from qgate.synth import make_ct_series
 
     ds = make_ct_series(2, 64, 64, seed=9)
@@ -686,8 +686,8 @@ def test_partial_spool_file_without_a_row_is_quarantined(settings, sessions) -> 
     ``quarantine/`` and records nothing, so the sender's retry stores it cleanly."""
     import io
 
+    from qgate.core.spool import spool_path, write_atomic
     from qgate.receive.recover import QUARANTINE, recover_spool
-    from qgate.spool import spool_path, write_atomic
     from qgate.synth import make_ct_series
 
     (d,) = make_ct_series(1, 64, 64, seed=10)

@@ -18,7 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import create_engine, select
 
-from qgate.db.models import Instance
+from qgate.core.db.models import Instance
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
 from tests.support.qgate_proc import QgateProcess

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.registry import (
+from qgate.core.registry import (
     RegistryError,
     activate,
     active_weights,

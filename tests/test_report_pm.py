@@ -19,7 +19,7 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from qgate.config import load_settings
+from qgate.core.config import load_settings
 from qgate.pipeline import build_scorers, score_series
 from qgate.report import QualityReport, build_quality_map_pm
 from qgate.reporting import write_report

@@ -15,11 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.cli import main
-from qgate.config import ArchiveConfig, GateConfig, RetentionConfig, ScoringConfig, Settings
-from qgate.db.models import Event, Instance, OutboxItem, Series, utcnow
+from qgate.core.config import ArchiveConfig, GateConfig, RetentionConfig, ScoringConfig, Settings
+from qgate.core.db.models import Event, Instance, OutboxItem, Series, utcnow
+from qgate.core.storage import to_local
 from qgate.dispatch.dispatcher import run_once
 from qgate.retention import run_purge
-from qgate.storage import to_local
 from tests.conftest import free_port
 from tests.support.storescp import storescp
 from tests.support.web import score_pending, spool_series
@@ -50,9 +50,7 @@ def _spool_files(settings: Settings, sessions: sessionmaker[Session], uid: str) 
         return [to_local(p, settings.storage.root) for p in s.scalars(q)]
 
 
-def _outgoing_files(
-    settings: Settings, sessions: sessionmaker[Session], uid: str
-) -> list[Path]:
+def _outgoing_files(settings: Settings, sessions: sessionmaker[Session], uid: str) -> list[Path]:
     with sessions() as s:
         q = select(OutboxItem.paths).where(
             OutboxItem.series_instance_uid == uid, OutboxItem.kind == "results"

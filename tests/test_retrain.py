@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
 from qgate.cli import main
-from qgate.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
-from qgate.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
-from qgate.registry import activate, active_weights, local_weights_path, sha256_file
+from qgate.core.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
+from qgate.core.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow
+from qgate.core.registry import activate, active_weights, local_weights_path, sha256_file
 from qgate.retrain import decide, reviewed_labels, run_retrain, split_groups
 from qgate.retrain.labels import series_paths
 from qgate.score.worker import Worker

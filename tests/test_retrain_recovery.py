@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import Event, TrainingRun, utcnow
+from qgate.core.config import Settings
+from qgate.core.db.models import Event, TrainingRun, utcnow
 from qgate.retrain import recover_interrupted_runs, run_retrain
 from qgate.retrain.runs import _ACTIVE_RUNS, _process_start, run_owner
 from qgate.web import create_app

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from qgate.db import Event, Job, OutboxItem, Result, make_engine
+from qgate.core.db import Event, Job, OutboxItem, Result, make_engine
 from qgate.synth import make_ct_series, write_series
 from tests.conftest import free_port
 from tests.support.orthanc import Orthanc, start_orthanc

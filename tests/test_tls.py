@@ -20,12 +20,12 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings, TLSConfig, load_settings
-from qgate.db import Instance, make_engine, make_session_factory, upgrade
+from qgate.core.config import Settings, TLSConfig, load_settings
+from qgate.core.db import Instance, make_engine, make_session_factory, upgrade
+from qgate.core.tls import TLSConfigError, client_context, server_context
 from qgate.dispatch.scu import Destination, send_files
 from qgate.receive import start_scp
 from qgate.synth import make_ct_series, write_series
-from qgate.tls import TLSConfigError, client_context, server_context
 from tests.conftest import free_port
 from tests.support.dicomfiles import DCMTK_ENV
 from tests.support.storescp import storescp

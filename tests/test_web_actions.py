@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import ArchiveConfig, DispatchConfig, GateConfig, Settings
-from qgate.db.models import AuditEntry, Event, OutboxItem, Series
+from qgate.core.config import ArchiveConfig, DispatchConfig, GateConfig, Settings
+from qgate.core.db.models import AuditEntry, Event, OutboxItem, Series
 from qgate.dispatch import run_once
 from qgate.web import create_app
 from tests.conftest import free_port

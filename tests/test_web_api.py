@@ -25,8 +25,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.cli import main
-from qgate.config import GateConfig, Settings, WebConfig, load_settings
-from qgate.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict, utcnow
+from qgate.core.config import GateConfig, Settings, WebConfig, load_settings
+from qgate.core.db.models import (
+    AuditEntry,
+    Event,
+    OutboxItem,
+    Result,
+    Series,
+    User,
+    Verdict,
+    utcnow,
+)
 from qgate.results import result_object
 from qgate.web import create_app, start_web
 from qgate.web.security import SECRET_FILE, load_secret_key, local_path

@@ -19,9 +19,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import load_settings
-from qgate.db import make_engine, make_session_factory, upgrade
-from qgate.db.models import AuditEntry, Verdict, utcnow
+from qgate.core.config import load_settings
+from qgate.core.db import make_engine, make_session_factory, upgrade
+from qgate.core.db.models import AuditEntry, Verdict, utcnow
 from qgate.web import WebServer, start_web
 from tests.support.browser import chromium, chromium_available, expect
 from tests.support.web import PASSWORD, add_user, score_pending, spool_series

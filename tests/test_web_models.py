@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import AuditEntry, ModelVersion
-from qgate.registry import activate, register_version
+from qgate.core.config import Settings
+from qgate.core.db.models import AuditEntry, ModelVersion
+from qgate.core.registry import activate, register_version
 from qgate.web import create_app
 from tests.support.web import add_user, csrf_from, login
 

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.cli import main
-from qgate.config import Settings, StorageConfig, WebConfig
-from qgate.db.models import AuditEntry
+from qgate.core.config import Settings, StorageConfig, WebConfig
+from qgate.core.db.models import AuditEntry
 from qgate.web import create_app
 from tests.support.web import PASSWORD, add_user, csrf_from, login
 

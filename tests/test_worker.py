@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
 from qgate.cli import main
-from qgate.config import (
+from qgate.core.config import (
     ArchiveConfig,
     DispatchConfig,
     GateConfig,
@@ -37,8 +37,18 @@ from qgate.config import (
     Settings,
     Threshold,
 )
-from qgate.db.models import AuditEntry, Event, Instance, Job, OutboxItem, Result, Series, utcnow
-from qgate.degrade import PartKind, SkippedPart, SkipReason
+from qgate.core.db.models import (
+    AuditEntry,
+    Event,
+    Instance,
+    Job,
+    OutboxItem,
+    Result,
+    Series,
+    utcnow,
+)
+from qgate.core.degrade import PartKind, SkippedPart, SkipReason
+from qgate.core.storage import to_local, to_stored
 from qgate.dispatch import run_once
 from qgate.gate import ReleaseError, release_series
 from qgate.pipeline import build_scorers
@@ -47,7 +57,6 @@ from qgate.receive import start_scp
 from qgate.results import list_results
 from qgate.score.worker import process_job, work_once
 from qgate.scoring import ScoreOutput, SeriesVolume, register_scorer
-from qgate.storage import to_local, to_stored
 from qgate.synth import make_ct_series, write_series
 from qgate.web.crud import WorklistRow, list_series
 from qgate.web.schemas import WorklistQuery

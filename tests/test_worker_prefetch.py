@@ -20,9 +20,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
-from qgate.config import QueueConfig, ScoringConfig, Settings, load_settings
-from qgate.db import Event, Job, Result, make_engine, make_session_factory
-from qgate.db.models import Series, utcnow
+from qgate.core.config import QueueConfig, ScoringConfig, Settings, load_settings
+from qgate.core.db import Event, Job, Result, make_engine, make_session_factory
+from qgate.core.db.models import Series, utcnow
 from qgate.queue import claim, count_attempt, enqueue_score, set_aside
 from qgate.score.prefetch import Prefetcher, SeriesDecoder
 from qgate.score.stage import WorkerStage

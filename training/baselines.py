@@ -2,7 +2,7 @@
 
 * robust noise sigma in HU (``qgate.scoring.noise``, the service's own scorer);
 * ROI SNR, (mean HU + 1000) / std (``qgate.scoring.snr``);
-* BRISQUE (the ``brisque`` package, offline; :func:`qgate.physics.brisque_label`).
+* BRISQUE (the ``brisque`` package, offline; :func:`qgate.core.physics.brisque_label`).
 
 Each works on HU arrays with a pixel size, wrapping them in a :class:`SeriesVolume` the
 way the service would see a series.
@@ -63,7 +63,7 @@ def snr_classic(hu: np.ndarray, pixel_mm: float, slice_mm: float = 2.5) -> float
 
 def brisque_score(gray01: np.ndarray) -> float:
     """BRISQUE of one windowed slice in [0, 1] (lower is better); NaN if it fails."""
-    from qgate.physics import brisque_label
+    from qgate.core.physics import brisque_label
 
     try:
         return float(brisque_label(np.asarray(gray01, dtype=np.float32)))

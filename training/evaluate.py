@@ -269,8 +269,8 @@ def _mdiqa_ablations(
 
 # ----------------------------------------------------------------------------- N2Q
 def _n2q_section(plan: EvalPlan, out: Path, echo: Echo) -> Section:
+    from qgate.core.physics import WINDOWS, window
     from qgate.models import N2QNet
-    from qgate.physics import WINDOWS, window
     from training.fit.export import load_weights
     from training.fit.n2q import load_n2q, predict_n2q_batch
 
@@ -402,7 +402,7 @@ def _n2q_example(model: Any, test: Any, maps: torch.Tensor, out: Path, sec: Sect
     # the first source slice with all its doses (5 consecutive samples per source)
     k = len(model.cfg.dose_levels)
     idx = list(range(min(k, n)))
-    from qgate.physics import window
+    from qgate.core.physics import window
 
     tiles = []
     for i in idx:
@@ -544,9 +544,9 @@ def _chest_section(plan: EvalPlan, out: Path, echo: Echo) -> Section:
 
 # ----------------------------------------------------------------------------- ladders
 def _ladder_section(plan: EvalPlan, out: Path, echo: Echo) -> Section:
+    from qgate.core.physics import body_mask
     from qgate.models import ChestIQANet, N2QNet, load_mdiqa, predict_chestiqa, predict_n2q
     from qgate.models.mdiqa import mdiqa_crops, predict_soft, resolve_data_config
-    from qgate.physics import body_mask
     from training.datasets.common import read_manifest
     from training.fit.export import load_weights
     from training.fit.mdiqa import predict_logits

@@ -247,7 +247,7 @@ Scorer = Callable[[np.ndarray, float], dict[str, float]]
 
 def qgate_scorers(weights_dir: str | Path | None = None) -> dict[str, Scorer]:
     """The service's scorers as the worker builds them (default config, every slice)."""
-    from qgate.config import Settings
+    from qgate.core.config import Settings
     from qgate.pipeline import build_scorers
     from training.baselines import series_volume
 
@@ -539,7 +539,7 @@ def run_chest(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     import qgate.scoring.learned  # noqa: F401  (registers the learned scorers)
-    from qgate.config import LearnedScorerConfig
+    from qgate.core.config import LearnedScorerConfig
     from qgate.scoring.base import create_scorer
     from training.baselines import series_volume
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from qgate.physics import WINDOWS, window
+from qgate.core.physics import WINDOWS, window
 from training.anatomy.ldctiqa import read_image
 from training.datasets.common import load_split, read_jsonl, read_manifest
 

@@ -24,7 +24,7 @@ import urllib.request
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from qgate.config import Settings, load_settings
+from qgate.core.config import Settings, load_settings
 
 LOCALHOST = "127.0.0.1"
 TIMEOUT = 5.0

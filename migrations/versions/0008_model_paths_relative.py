@@ -10,7 +10,7 @@ that every node resolves it on its own mount. The shipped weights
 (``.../qgate/weights/<file>``, in each node's own installation) become
 ``shipped:<file>``. The root is handed in by ``qgate db upgrade`` and ``qgate serve``;
 without it only the shipped weights are converted, and the absolute paths left still
-resolve (:func:`qgate.registry.local_weights_path`).
+resolve (:func:`qgate.core.registry.local_weights_path`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ SHIPPED_PREFIX = "shipped:"
 _SHIPPED_DIR = os.path.join("qgate", "weights")
 
 _versions = sa.table("model_versions", sa.column("id", sa.Integer), sa.column("path", sa.Text))
-_runs = sa.table(
-    "training_runs", sa.column("id", sa.Integer), sa.column("artifacts_dir", sa.Text)
-)
+_runs = sa.table("training_runs", sa.column("id", sa.Integer), sa.column("artifacts_dir", sa.Text))
 
 
 def _relative(path: str, root: str | None) -> str:

@@ -18,8 +18,10 @@ import traceback
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import OutboxItem, utcnow
+from qgate.core.config import Settings
+from qgate.core.db.models import OutboxItem, utcnow
+from qgate.core.storage import to_local
+from qgate.core.tls import client_context
 from qgate.dispatch.outbox import (
     RetryPolicy,
     claim_due,
@@ -29,8 +31,6 @@ from qgate.dispatch.outbox import (
     renew,
 )
 from qgate.dispatch.scu import SendResult, send_files
-from qgate.storage import to_local
-from qgate.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from typing import Literal
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from qgate.config import DispatchConfig
-from qgate.db.models import OutboxItem, utcnow
+from qgate.core.config import DispatchConfig
+from qgate.core.db.models import OutboxItem, utcnow
+from qgate.core.events import record
 from qgate.dispatch.scu import Destination
-from qgate.events import record
 
 STAGE = "dispatch"
 

@@ -17,7 +17,7 @@ failure with a message that names the destination and the cause. Logs carry UIDs
 paths only, never patient data.
 
 With ``tls`` the association runs over TLS (``AE.associate(tls_args=...)``): the
-archive's certificate is verified by the context (:func:`qgate.tls.client_context`), and a
+archive's certificate is verified by the context (:func:`qgate.core.tls.client_context`), and a
 failed handshake is an association failure like a refused connection.
 """
 
@@ -38,7 +38,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from qgate.config import ArchiveConfig
+from qgate.core.config import ArchiveConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import os
 
 from sqlalchemy import Engine
 
-from qgate.config import Settings
+from qgate.core.config import Settings
+from qgate.core.stage import StageName, open_store
 from qgate.dispatch.dispatcher import Dispatcher
-from qgate.stage import StageName, open_store
 
 
 class DispatchStage:
@@ -23,7 +23,7 @@ class DispatchStage:
         s = self.settings
         if s.archive.tls.enabled:
             # Fail at start, not at the first send, on a missing or mismatched file.
-            from qgate.tls import client_context
+            from qgate.core.tls import client_context
 
             client_context(s.archive.tls)
         self._engine, sessions = open_store(s)

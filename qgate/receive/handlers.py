@@ -19,7 +19,7 @@ sender's thread: one header-only parse, one file write, one SQL transaction.
     Returns one of:
 
     * ``0x0000`` Success: the file is in the spool (atomic rename, then fsync if
-      ``storage.fsync``; see :mod:`qgate.spool`) and the transaction that inserted its
+      ``storage.fsync``; see :mod:`qgate.core.spool`) and the transaction that inserted its
       ``instances`` row, upserted its ``series`` row and appended its ``events`` row has
       committed. Also returned for a
       duplicate SOP Instance UID: the first copy is kept, no row is added, and a
@@ -83,12 +83,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import DicomConfig, Settings
-from qgate.db.models import Event, Instance, Series, utcnow
+from qgate.core.config import DicomConfig, Settings
+from qgate.core.db.models import Event, Instance, Series, utcnow
+from qgate.core.spool import discard, publish, spool_path, write_temp
+from qgate.core.storage import to_stored
+from qgate.core.uids import clean_uid
 from qgate.receive.part10 import file_header
-from qgate.spool import discard, publish, spool_path, write_temp
-from qgate.storage import to_stored
-from qgate.uids import clean_uid
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -364,7 +364,7 @@ def check_header(
         Affected SOP Class / Instance UID of the C-STORE request.
     transfer_syntax : pydicom.uid.UID
         The presentation context's transfer syntax.
-    limits : qgate.config.DicomConfig
+    limits : qgate.core.config.DicomConfig
         Supplies ``max_rows``, ``max_columns`` and ``max_frames``.
 
     Raises
@@ -564,7 +564,7 @@ def record_instance(
     then renames ``tmp`` to ``path``, still inside the transaction: a file under its final
     name always belongs to the transaction that inserted its row. A duplicate SOP Instance
     UID rolls everything back and is recorded as a ``duplicate`` event instead. The row
-    keeps ``path`` relative to ``storage_root`` (:mod:`qgate.storage`); the events name
+    keeps ``path`` relative to ``storage_root`` (:mod:`qgate.core.storage`); the events name
     ``node``.
 
     Concurrent senders of one series serialise on the series row (PostgreSQL row lock,

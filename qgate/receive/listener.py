@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qgate.service import Child, Supervisor
+from qgate.core.service import Child, Supervisor
 
 log = logging.getLogger(__name__)
 

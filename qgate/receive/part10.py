@@ -19,7 +19,7 @@ from functools import lru_cache
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from qgate.uids import encoded_uid, placeholder_uid
+from qgate.core.uids import encoded_uid, placeholder_uid
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 

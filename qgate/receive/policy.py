@@ -25,8 +25,8 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING
 
-from qgate.config import AllowedPeer
-from qgate.diskspace import disk_space
+from qgate.core.config import AllowedPeer
+from qgate.core.diskspace import disk_space
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event as PynetdicomEvent

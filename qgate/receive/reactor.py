@@ -49,7 +49,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from qgate.config import ReceiveInternal
+from qgate.core.config import ReceiveInternal
 from qgate.receive.storersp import StoreResponseDIMSE
 
 if TYPE_CHECKING:

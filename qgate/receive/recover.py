@@ -25,8 +25,9 @@ from pydicom.uid import UID
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import Instance, utcnow
+from qgate.core.config import Settings
+from qgate.core.db.models import Instance, utcnow
+from qgate.core.spool import TMP_SUFFIX, discard
 from qgate.receive.handlers import (
     Rejected,
     Undecodable,
@@ -34,7 +35,6 @@ from qgate.receive.handlers import (
     read_header,
     record_instance,
 )
-from qgate.spool import TMP_SUFFIX, discard
 
 log = logging.getLogger(__name__)
 

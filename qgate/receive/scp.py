@@ -20,7 +20,7 @@ What qgate accepts at association negotiation:
   ("called AE title not recognised"); ``dicom.maximum_associations`` caps associations
   served at once ("local limit exceeded"); below ``storage.min_free_mb`` of free space
   every new association is refused, as transient (:mod:`qgate.receive.policy`).
-* ``dicom.tls.enabled``: the port speaks DICOM TLS only (TLS 1.2+, :mod:`qgate.tls`); a
+* ``dicom.tls.enabled``: the port speaks DICOM TLS only (TLS 1.2+, :mod:`qgate.core.tls`); a
   plain-TCP client, or one whose certificate is missing (when required) or untrusted,
   fails the handshake and is disconnected.
 
@@ -57,7 +57,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
+from qgate.core.config import Settings
+from qgate.core.spool import ensure_dir
+from qgate.core.tls import server_context
 from qgate.receive.handlers import (
     CT_STORAGE_SOP_CLASSES,
     LOGGER,
@@ -70,8 +72,6 @@ from qgate.receive.handlers import (
 from qgate.receive.listener import AssociationSlots, LoadBoard
 from qgate.receive.policy import handle_requested
 from qgate.receive.reactor import INTERNALS, start_server
-from qgate.spool import ensure_dir
-from qgate.tls import server_context
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ImplicitVRLittleEndian,
@@ -130,7 +130,7 @@ def start_scp(
 
     Parameters
     ----------
-    settings : qgate.config.Settings
+    settings : qgate.core.config.Settings
         Uses ``dicom`` (AE title, address, whitelists, limits, timeout, TLS, internals)
         and ``storage`` (spool root, fsync, free-space watermark).
     sessions : sqlalchemy.orm.sessionmaker

@@ -22,7 +22,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from qgate.assemble import Assembler
-from qgate.config import Settings
+from qgate.core.config import Settings
+from qgate.core.stage import StageName, open_store
 from qgate.receive.drain import stop_server
 from qgate.receive.listener import (
     AssociationSlots,
@@ -35,7 +36,6 @@ from qgate.receive.listener import (
 )
 from qgate.receive.recover import recover_spool
 from qgate.receive.scp import start_scp
-from qgate.stage import StageName, open_store
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ReceiveStage:
 
     Parameters
     ----------
-    settings : qgate.config.Settings
+    settings : qgate.core.config.Settings
         The stage's configuration.
     receive_argv : sequence of str
         The command that runs ``qgate receive`` with this configuration (the listener
@@ -128,7 +128,7 @@ class ReceiveListener:
 
     Parameters
     ----------
-    settings : qgate.config.Settings
+    settings : qgate.core.config.Settings
         The stage's configuration.
     fd : int
         The inherited listening socket.
@@ -147,7 +147,7 @@ class ReceiveListener:
     ) -> None:
         self.settings = settings
         self.index = index
-        #: How the logs name this process (:func:`qgate.stage.describe`).
+        #: How the logs name this process (:func:`qgate.core.stage.describe`).
         self.label = f"receiver process {index} of stage receive"
         self.fd = fd
         self.slots = slots

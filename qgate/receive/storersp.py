@@ -28,7 +28,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from qgate.uids import encoded_uid, placeholder_uid
+from qgate.core.uids import encoded_uid, placeholder_uid
 
 # Implicit VR little endian element headers: tag, then a 4-byte length.
 _MESSAGE_ID_HEADER = b"\x00\x00\x20\x01" + struct.pack("<I", 2)  # (0000,0120) US

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
-from qgate.degrade import PartKind, SkippedPart
+from qgate.core.degrade import PartKind, SkippedPart
 from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap
 
 #: SOP Class UIDs of the SR storage classes a predecessor report may have.
@@ -70,7 +70,7 @@ class QualityReport:
     previous_sr: Union[pydicom.dataset.Dataset, None], optional
         The SR document this report supersedes (required when ``generation`` > 1 is the
         result of a re-score and the earlier SR is known); must be an SR in the same study.
-    skipped: Sequence[qgate.degrade.SkippedPart], optional
+    skipped: Sequence[qgate.core.degrade.SkippedPart], optional
         Scorers and report objects left out of this report, and why; the SR lists them.
 
     Raises

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from qgate.degrade import NotApplicable, SkipReason
+from qgate.core.degrade import NotApplicable, SkipReason
 from qgate.report import codes
 from qgate.report.content import NamedMap, QualityReport, check_positive_int, check_uid
 
@@ -113,7 +113,7 @@ def build_quality_map_pm(
     ValueError
         When no map matches, the map has no finite value, a UID or number is invalid, or
         the CT lacks patient geometry.
-    qgate.degrade.NotApplicable
+    qgate.core.degrade.NotApplicable
         (a ValueError) When the CT has no Frame of Reference UID (reason
         ``no_frame_of_reference``): the IOD needs one, and qgate does not invent it.
     """

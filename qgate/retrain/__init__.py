@@ -14,7 +14,7 @@ process, so the service never imports ``training/`` (issue 11). One run
    contract: :mod:`~qgate.retrain.contract`) trains the candidates and writes their
    weights and ``result.json`` beside the label file.
 4. :mod:`~qgate.retrain.promote`: the decision on the held-out metrics, a
-   :class:`~qgate.db.models.ModelVersion` per candidate, activated only when promoted
+   :class:`~qgate.core.db.models.ModelVersion` per candidate, activated only when promoted
    (the worker reloads between jobs).
 5. The run's row: status promoted|rejected|failed, the promoted families, both models'
    metrics, the fine-tuning's loss curve, the reason.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qgate.config import RetrainConfig
+from qgate.core.config import RetrainConfig
 from qgate.retrain.contract import (
     LABELS_FILE,
     LOG_FILE,

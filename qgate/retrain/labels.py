@@ -19,10 +19,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from qgate.config import RetrainConfig, Settings
+from qgate.core.config import RetrainConfig, Settings
+from qgate.core.db.models import Instance, Result, Series, Verdict, utcnow
 from qgate.core.families import retrained
-from qgate.db.models import Instance, Result, Series, Verdict, utcnow
-from qgate.registry import ActiveWeights, register_serving, serving_weights
+from qgate.core.registry import ActiveWeights, register_serving, serving_weights
+from qgate.core.storage import to_local
 from qgate.retrain.contract import (
     LabelledSeries,
     ServingWeights,
@@ -30,7 +31,6 @@ from qgate.retrain.contract import (
     TrainRequest,
     UnlabelledSeries,
 )
-from qgate.storage import to_local
 
 
 class NotEnoughData(Exception):

@@ -7,7 +7,7 @@ The comparison is on the held-out set the service chose. With at least
 The fine-tuned family (MD-IQA) is promoted only if it is better by more than
 ``retrain.margin``; the refit family's quality fit (Chest CT-IQA) goes along with a
 promotion only if its held-out MAE (1-10 scale) is not worse than the current fit. Each
-candidate becomes a :class:`~qgate.db.models.ModelVersion` (activated only when promoted,
+candidate becomes a :class:`~qgate.core.db.models.ModelVersion` (activated only when promoted,
 so the worker reloads between jobs); which families a run promoted is recorded in
 ``training_runs.promoted_models``.
 """
@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
+from qgate.core.config import Settings
 from qgate.core.families import retrained
-from qgate.registry import activate, register_version
+from qgate.core.registry import activate, register_version
 from qgate.retrain.contract import TrainRequest, TrainResult
 from qgate.retrain.runs import finite
 
@@ -113,9 +113,7 @@ def register_and_promote(
             "current": current[refit.name],
             "metric": "mae",
         }
-        candidates.append(
-            (refit, result.chestiqa.weights, request.chestiqa.version, refit_metrics)
-        )
+        candidates.append((refit, result.chestiqa.weights, request.chestiqa.version, refit_metrics))
     promoted: list[str] = []
     with sessions() as s:
         rows = {

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.lock import cluster_lock
+from qgate.core.config import Settings
+from qgate.core.db.lock import cluster_lock
 from qgate.retrain.child import run_training
 from qgate.retrain.labels import NotEnoughData, export_request
 from qgate.retrain.promote import register_and_promote
@@ -26,7 +26,7 @@ from qgate.retrain.runs import (
 
 log = logging.getLogger(__name__)
 
-#: The cluster-wide lock (:func:`qgate.db.lock.cluster_lock`) one retraining run holds.
+#: The cluster-wide lock (:func:`qgate.core.db.lock.cluster_lock`) one retraining run holds.
 RETRAIN_LOCK = "retrain"
 
 

@@ -22,10 +22,10 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import TrainingRun, utcnow
-from qgate.events import record
-from qgate.storage import to_stored
+from qgate.core.config import Settings
+from qgate.core.db.models import TrainingRun, utcnow
+from qgate.core.events import record
+from qgate.core.storage import to_stored
 
 log = logging.getLogger(__name__)
 STAGE = "retrain"

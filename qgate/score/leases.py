@@ -8,7 +8,7 @@ from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.db.models import Job
+from qgate.core.db.models import Job
 from qgate.queue import renew
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
-from qgate.config import Settings
+from qgate.core.config import Settings
 from qgate.core.families import FAMILY_NAMES
 from qgate.score.idle import IdlePoll
 from qgate.scoring.base import SeriesVolume

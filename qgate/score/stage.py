@@ -14,12 +14,12 @@ import logging
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from qgate.config import Settings
+from qgate.core.config import Settings
+from qgate.core.stage import StageName, open_store
 from qgate.queue import release_owner
 from qgate.schedule import start_scheduler
 from qgate.score.idle import IdlePoll
 from qgate.score.worker import ServingModels, Worker
-from qgate.stage import StageName, open_store
 
 log = logging.getLogger(__name__)
 

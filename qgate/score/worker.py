@@ -31,10 +31,11 @@ import pydicom
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import Instance, Job, Result, Series
+from qgate.core.config import Settings
+from qgate.core.db.models import Instance, Job, Result, Series
+from qgate.core.events import record
+from qgate.core.storage import to_local, to_stored
 from qgate.dispatch.outbox import Destination, enqueue
-from qgate.events import record
 from qgate.gate import apply_failure_policy, forward_originals
 from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded
 from qgate.queue import OnParked, claim, count_attempt, fail, finish, release_owner, set_aside
@@ -43,7 +44,6 @@ from qgate.score.idle import IdlePoll
 from qgate.score.leases import Leases
 from qgate.score.prefetch import Prefetcher, SeriesDecoder, adopt, pipeline_shape
 from qgate.scoring import Scorer
-from qgate.storage import to_local, to_stored
 from qgate.volume import LoadedSeries, SeriesLoadError, load_series
 
 log = logging.getLogger(__name__)
@@ -396,13 +396,13 @@ class ServingModels:
     def reload_if_changed(self) -> bool:
         """Rebuild the scorers if the registry's active versions changed; between jobs only.
 
-        A promotion or rollback (:func:`qgate.registry.activate`) is served from the next
+        A promotion or rollback (:func:`qgate.core.registry.activate`) is served from the next
         job on; the job in progress finishes with the scorers it started with.
         """
         if not self._hot_reload:
             return False
         with self._lock:
-            from qgate.registry import is_registered, serving_weights
+            from qgate.core.registry import is_registered, serving_weights
 
             learned = [m for m in self.settings.scoring.scorers if m in LEARNED_SCORERS]
             with self.sessions() as session:

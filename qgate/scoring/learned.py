@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from qgate.config import LearnedScorerConfig, SliceScorerConfig
+from qgate.core.config import LearnedScorerConfig, SliceScorerConfig
 from qgate.core.families import SHIPPED_WEIGHTS_DIR, Family, ModelFamily
 from qgate.core.families import family as family_of
 from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer

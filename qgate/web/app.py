@@ -19,8 +19,8 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import Response
 
 from qgate import __version__
-from qgate.config import Settings
-from qgate.db import make_engine, make_session_factory
+from qgate.core.config import Settings
+from qgate.core.db import make_engine, make_session_factory
 from qgate.web.deps import Forbidden, LoginRequired, get_current_user
 from qgate.web.images import MapImages
 from qgate.web.metrics import make_registry
@@ -106,9 +106,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     """The review app on ``settings``' database (or on ``sessions``, shared with the
     pipeline in ``qgate serve``)."""
     if sessions is None:
-        sessions = make_session_factory(
-            make_engine(settings.database.url), node=settings.node_name
-        )
+        sessions = make_session_factory(make_engine(settings.database.url), node=settings.node_name)
     app = FastAPI(
         title="qgate review",
         version=__version__,

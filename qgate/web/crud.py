@@ -13,8 +13,8 @@ from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from qgate import actions
-from qgate.config import Settings, Threshold
-from qgate.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict
+from qgate.core.config import Settings, Threshold
+from qgate.core.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict
 from qgate.web.schemas import VerdictCreate, VerdictPublic, WorklistQuery
 
 

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import User
+from qgate.core.config import Settings
+from qgate.core.db.models import User
 from qgate.web.images import MapImages
 
 

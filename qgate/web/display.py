@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qgate.config import Threshold
+from qgate.core.config import Threshold
 from qgate.report.codes import output_concept
 from qgate.report.render import format_value
 

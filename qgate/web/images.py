@@ -19,8 +19,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from qgate.core.storage import to_local
 from qgate.report.sc import select_slices
-from qgate.storage import to_local
 
 THUMB_HEIGHT = 112
 # Width of the burned-in side panel for an image of ``rows`` rows: qgate.report.render lays
@@ -35,7 +35,7 @@ class MapImageError(LookupError):
 def map_files(sr_path: str | None, storage_root: Path) -> list[Path]:
     """The quality-map files of a result, in slice order; [] when there are none.
 
-    ``sr_path`` is stored relative to ``storage_root`` (:mod:`qgate.storage`) and must lie
+    ``sr_path`` is stored relative to ``storage_root`` (:mod:`qgate.core.storage`) and must lie
     under its ``outgoing/`` (a guard against a stray path in SQL).
     """
     if not sr_path:

@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db.models import Event, Instance, Job, OutboxItem, Result, Series, Verdict
-from qgate.diskspace import disk_space
+from qgate.core.config import Settings
+from qgate.core.db.models import Event, Instance, Job, OutboxItem, Result, Series, Verdict
+from qgate.core.diskspace import disk_space
 
 #: Upper bounds (seconds) of the scoring-latency histogram buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -132,7 +132,7 @@ class SqlCollector(Collector):
 
 class DiskCollector(Collector):
     """Free space under ``storage.root`` and whether the receive stage refuses for it
-    (:mod:`qgate.diskspace`); measured on this node at scrape time."""
+    (:mod:`qgate.core.diskspace`); measured on this node at scrape time."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qgate.config import Threshold
+from qgate.core.config import Threshold
 from qgate.report.render import format_value
 
 WIDTH = 900

@@ -1,5 +1,5 @@
 """Request and response schemas of the JSON API (and the worklist filter shared with the
-pages), kept apart from the table models in :mod:`qgate.db.models`."""
+pages), kept apart from the table models in :mod:`qgate.core.db.models`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from qgate.degrade import PartKind, SkipReason
+from qgate.core.degrade import PartKind, SkipReason
 from qgate.users import Role
 
 SCORE_KEY_PATTERN = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-.]+$"
@@ -121,7 +121,7 @@ class ResubmitResult(BaseModel):
 
 
 class SkippedPartPublic(BaseModel):
-    """A scorer or report object the result left out, and why (qgate.degrade)."""
+    """A scorer or report object the result left out, and why (qgate.core.degrade)."""
 
     kind: PartKind
     name: str

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qgate.config import Settings
+from qgate.core.config import Settings
 
 log = logging.getLogger(__name__)
 

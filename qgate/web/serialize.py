@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgate.db.models import Result, Series
+from qgate.core.db.models import Result, Series
 from qgate.web.crud import WorklistRow, verdict_public
 from qgate.web.images import slice_indices
 from qgate.web.schemas import (

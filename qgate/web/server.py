@@ -13,7 +13,7 @@ import threading
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
+from qgate.core.config import Settings
 from qgate.web.app import create_app
 
 log = logging.getLogger(__name__)

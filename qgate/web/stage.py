@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from qgate.config import Settings
-from qgate.stage import StageName, open_store
+from qgate.core.config import Settings
+from qgate.core.stage import StageName, open_store
 from qgate.web.server import WebServer
 
 

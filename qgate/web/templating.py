@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from starlette.responses import Response
 
-from qgate.db.models import User
+from qgate.core.db.models import User
 from qgate.web import display
 from qgate.web.security import CSRF_FIELD, csrf_token
 

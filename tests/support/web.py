@@ -16,8 +16,8 @@ from pydicom.filebase import DicomBytesIO
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.assemble import queue_complete_series
-from qgate.config import Settings
-from qgate.db.models import Instance, Series, utcnow
+from qgate.core.config import Settings
+from qgate.core.db.models import Instance, Series, utcnow
 from qgate.pipeline import build_scorers
 from qgate.score.worker import work_once
 from qgate.synth import make_ct_series

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qgate.physics import body_mask
+from qgate.core.physics import body_mask
 
 __all__ = ["AnatomyVolume", "body_mask", "square_pad"]
 

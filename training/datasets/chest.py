@@ -5,8 +5,8 @@
   image itself carries; the tags are stored with it (``window``).
 * dose class: ``low`` / ``high`` tube current, 30 and 50 mAs as in the paper, as dose
   fractions of an assumed reference of ``ref_mas`` (100 mAs) for the sources' full dose.
-* SNR: :func:`qgate.physics.snr_label` on the simulated HU volume, inside the body.
-* BRISQUE: :func:`qgate.physics.brisque_label` (the ``brisque`` package, offline) on
+* SNR: :func:`qgate.core.physics.snr_label` on the simulated HU volume, inside the body.
+* BRISQUE: :func:`qgate.core.physics.brisque_label` (the ``brisque`` package, offline) on
   slices rendered in the series' own window, averaged over ``brisque_slices`` slices.
 
 Volumes are simulated at native resolution (``sim_size`` 512 at 0.7 mm, the full
@@ -15,10 +15,10 @@ simulated at 128 pixels does not have (its high-pass RMS is ~10x lower). SNR and
 are computed at native resolution, as on a real series. What is stored is small:
 
 * ``hu`` (int16, (D, size, size)): the volume resized like the model input
-  (:func:`qgate.physics.resize`);
+  (:func:`qgate.core.physics.resize`);
 * ``hp_rms`` (float16, (D, size, size)): the RMS of the native-resolution high-pass
-  (:func:`qgate.physics.high_pass`, sigma 1 px) over each output pixel,
-  :func:`qgate.physics.local_rms` - the noise channel of
+  (:func:`qgate.core.physics.high_pass`, sigma 1 px) over each output pixel,
+  :func:`qgate.core.physics.local_rms` - the noise channel of
   ``qgate.models.preprocess.prepare_chest_input`` computed where it must be, before the
   downsampling;
 * ``image`` (float16, ``hu`` windowed to [0, 1] with the series' tags), ``window_class``
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qgate.physics import (
+from qgate.core.physics import (
     WINDOWS,
     body_mask,
     brisque_label,

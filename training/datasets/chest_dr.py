@@ -15,7 +15,7 @@ with **both** kernel classes and at **two** doses from one noise realisation:
 
 What is stored is the model input itself (:func:`qgate.models.preprocess.prepare_chest_input`
 with the config given, computed on the native 512 reconstruction), the class labels, the
-SNR (:func:`qgate.physics.snr_label`) and BRISQUE (the class's display window) labels of
+SNR (:func:`qgate.core.physics.snr_label`) and BRISQUE (the class's display window) labels of
 the native series, and the quality proxy: the mean SSIM (C40/W400) over the body against
 the noiseless same-kernel reconstruction. Blocks as in the randomised builder
 (``blocks/NNNNN.npz``, resumable, ``--worker i/n``).
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qgate.core.physics import WINDOWS, body_mask, brisque_label, snr_label, ssim_map, window
 from qgate.models.preprocess import ChestInputConfig, prepare_chest_input
-from qgate.physics import WINDOWS, body_mask, brisque_label, snr_label, ssim_map, window
 from training.ct import LowDoseSimulator
 from training.ct.fastsim import noise_basis, noise_sinograms
 from training.datasets.randomized import (

@@ -3,8 +3,8 @@ the low-dose image, its high-pass image, the SSIM map against full dose and the 
 
 As the paper and its notebook: window centre 40 / width 300 to [0, 1]; 256 x 256; SSIM
 map with an 11 x 11 Gaussian window, sigma 1.5, K = (0.01, 0.03), data range 1, between
-the full-dose and the low-dose windowed images (:func:`qgate.physics.ssim_map`); high-pass
-``I - up(down(blur(I)))`` (:func:`qgate.physics.high_pass`). Unlike the paper, every dose
+the full-dose and the low-dose windowed images (:func:`qgate.core.physics.ssim_map`); high-pass
+``I - up(down(blur(I)))`` (:func:`qgate.core.physics.high_pass`). Unlike the paper, every dose
 is simulated in the projection domain rather than by scaling a quarter-dose noise image.
 
 The model reads a slice at its own pixel grid (``N2QInputConfig.size=None``: no resize
@@ -12,7 +12,7 @@ in training or serving), so by default (``sim_size=None``) each slice is reconst
 directly at the stored ``size`` with the scanner for that pixel size: the stored image is
 a native reconstruction, its noise the noise such a scan has at that pixel size. With
 ``sim_size`` set, slices are simulated at ``sim_size`` and then resized to ``size``
-(:func:`qgate.physics.resize`: window, then anti-aliased bilinear), as the first model
+(:func:`qgate.core.physics.resize`: window, then anti-aliased bilinear), as the first model
 version's input was; that is *not* a native image (a resized 512 image keeps 35 %
 (standard kernel) to 100 % (smooth) more noise than a 256 reconstruction), so pair it
 only with a model that resizes (``N2QInputConfig.size``).
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qgate.physics import WINDOWS, high_pass, resize, ssim_map, window
+from qgate.core.physics import WINDOWS, high_pass, resize, ssim_map, window
 from training.ct import LowDoseSimulator, ScanParams
 from training.datasets.common import (
     Manifest,
@@ -181,7 +181,7 @@ def build_n2q(
             "dose_class": {str(i): d for i, d in enumerate(cfg.doses)},
             "hu": "the low-dose slice in HU (int16), resized like the image",
             "resolution": f"simulated at {cfg.sim_n} px, resized to {cfg.size} "
-            "(qgate.physics.resize: anti-aliased bilinear) after windowing",
+            "(qgate.core.physics.resize: anti-aliased bilinear) after windowing",
         },
         files={"shards": writer.files, "samples": "samples.jsonl"},
     )

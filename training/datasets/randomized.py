@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qgate.physics import WINDOWS, ssim_map, window
+from qgate.core.physics import WINDOWS, ssim_map, window
 from training.ct import LowDoseSimulator, ScanParams
 from training.ct.fastsim import ladder
 

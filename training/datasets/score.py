@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qgate.physics import WINDOWS, body_mask, ssim_map, window
+from qgate.core.physics import WINDOWS, body_mask, ssim_map, window
 
 ABDOMEN = WINDOWS["abdomen"]
 

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
-from qgate.diskspace import disk_space
+from qgate.core.diskspace import disk_space
 from qgate.web.deps import SessionDep, SettingsDep
 from qgate.web.schemas import Health
 

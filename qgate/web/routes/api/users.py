@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qgate.db.models import ModelVersion, User
-from qgate.registry import RegistryError, activate, active_weights
+from qgate.core.db.models import ModelVersion, User
+from qgate.core.registry import RegistryError, activate, active_weights
 from qgate.users import (
     UserError,
     create_user,
@@ -150,7 +150,7 @@ class ModelActivated(BaseModel):
 def activate_model(
     session: Session, *, root: Path, user: User, version: str, remote_addr: str | None
 ) -> tuple[ModelVersion, str]:
-    """Serve ``version`` from the next scoring job on (:func:`qgate.registry.activate`, the
+    """Serve ``version`` from the next scoring job on (:func:`qgate.core.registry.activate`, the
     checksum verified), audited as ``model_activate`` in the same transaction; commits.
     Returns the row and the version served before. :class:`crud.NotFound` for an unknown
     version, :class:`RegistryError` for weights that are missing or do not match."""

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from qgate.degrade import SkippedPart
+from qgate.core.degrade import SkippedPart
 from qgate.web import crud
 from qgate.web.deps import CurrentUser, RadiologistUser, SessionDep, SettingsDep, StaffUser
 from qgate.web.deps import client_addr as addr

@@ -1,7 +1,7 @@
 """Training runs: the nightly retraining's runs (qgate.retrain) with both models' metrics
 and plots (each run's held-out metrics over time, candidate against current, and each
 run's fine-tuning loss curve), what each model kind serves now and every registered version
-(qgate.registry); an admin activates (rolls back to) a version here, audited."""
+(qgate.core.registry); an admin activates (rolls back to) a version here, audited."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from starlette.responses import Response
 
+from qgate.core.db.models import TrainingRun
 from qgate.core.families import ModelFamily, retrained
-from qgate.db.models import TrainingRun
-from qgate.registry import RegistryError, active_weights, list_versions
+from qgate.core.registry import RegistryError, active_weights, list_versions
 from qgate.report.render import format_value
 from qgate.web import crud
 from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr

@@ -6,7 +6,7 @@ transaction (one active row per model), and the worker notices the change betwee
 and reloads its scorers, so promotion and rollback never drop a job.
 
 ``model_versions.path`` is stored as the other paths of the store are
-(:mod:`qgate.storage`): relative to ``storage.root`` when the file is under it (a
+(:mod:`qgate.core.storage`): relative to ``storage.root`` when the file is under it (a
 retraining run's ``models/run-<id>/mdiqa.safetensors``), so that every node resolves it
 on its own mount of the shared storage; ``shipped:<file>`` for the shipped weights, which
 every node has in its own installation; else absolute (a configured file elsewhere).
@@ -25,11 +25,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from qgate.config import Settings
+from qgate.core.config import Settings
+from qgate.core.db.models import ModelVersion, utcnow
+from qgate.core.events import record
 from qgate.core.families import FAMILIES, FAMILY_NAMES, SHIPPED_WEIGHTS_DIR, family, is_family
-from qgate.db.models import ModelVersion, utcnow
-from qgate.events import record
-from qgate.storage import to_local, to_stored
+from qgate.core.storage import to_local, to_stored
 
 #: How ``model_versions.path`` names a file of the shipped weights folder.
 SHIPPED_PREFIX = "shipped:"

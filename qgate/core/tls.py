@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from qgate.config import TLSConfig
+from qgate.core.config import TLSConfig
 
 
 class TLSConfigError(ValueError):

@@ -3,7 +3,7 @@
 A stage (``qgate receive``, ``qgate worker``, ``qgate dispatch``, ``qgate web``) is an
 object with ``start()`` and ``stop()``; :func:`run_stage` starts it, waits for the stop
 request (SIGTERM or SIGINT, wired by the command line) and stops it, letting the item in
-hand finish. ``qgate serve`` (:mod:`qgate.service`) runs each stage as such a process.
+hand finish. ``qgate serve`` (:mod:`qgate.core.service`) runs each stage as such a process.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Literal, Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.config import Settings
-from qgate.db import make_engine, make_session_factory
-from qgate.db.migrate import schema_problem
+from qgate.core.config import Settings
+from qgate.core.db import make_engine, make_session_factory
+from qgate.core.db.migrate import schema_problem
 
 log = logging.getLogger(__name__)
 

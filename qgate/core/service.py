@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qgate.config import Settings
-from qgate.db import upgrade
-from qgate.stage import STAGE_NAMES, StageName
+from qgate.core.config import Settings
+from qgate.core.db import upgrade
+from qgate.core.stage import STAGE_NAMES, StageName
 
 log = logging.getLogger(__name__)
 

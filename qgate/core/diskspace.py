@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qgate.config import Settings
+from qgate.core.config import Settings
 
 MIB = 1024 * 1024
 

@@ -1,7 +1,7 @@
 """The instance spool: one file per received instance, written atomically.
 
 Layout: ``<spool root>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Both UIDs are validated
-by :func:`qgate.uids.clean_uid` before they become path components, so a path is made of
+by :func:`qgate.core.uids.clean_uid` before they become path components, so a path is made of
 digits and dots only and cannot escape the root.
 
 A file is first written to a hidden temporary file in its final folder and then renamed
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-from qgate.uids import clean_uid
+from qgate.core.uids import clean_uid
 
 TMP_SUFFIX = ".tmp"
 

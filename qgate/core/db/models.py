@@ -144,7 +144,7 @@ class Result(Base):
     seconds: Mapped[float] = mapped_column(Float)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     sr_path: Mapped[str | None] = mapped_column(Text)
-    # Scorers and report objects left out, as qgate.degrade.SkippedPart.to_json() dicts.
+    # Scorers and report objects left out, as qgate.core.degrade.SkippedPart.to_json() dicts.
     skipped_parts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -255,7 +255,7 @@ class AuditEntry(Base):
     remote_addr: Mapped[str | None] = mapped_column(String(64))
 
 
-# -- model registry and retraining (qgate/registry.py, qgate/retrain/) -------------------------
+# -- model registry and retraining (qgate/core/registry.py, qgate/retrain/) -----------------------
 
 
 class ModelVersion(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from qgate.db.models import Event
+from qgate.core.db.models import Event
 
 
 def record(
@@ -18,7 +18,7 @@ def record(
     """Add an event row to ``session``; it commits (or not) with the state change it describes.
 
     The row names the node whose session factory made ``session``
-    (:func:`qgate.db.make_session_factory`'s ``node``).
+    (:func:`qgate.core.db.make_session_factory`'s ``node``).
     """
     session.add(
         Event(

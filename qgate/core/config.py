@@ -65,7 +65,7 @@ AETitle = Annotated[str, AfterValidator(_check_ae)]
 
 
 class TLSConfig(BaseModel):
-    """DICOM TLS (TLS 1.2 or newer) of one side of qgate's associations (qgate.tls).
+    """DICOM TLS (TLS 1.2 or newer) of one side of qgate's associations (qgate.core.tls).
 
     ``dicom.tls`` (the SCP): ``certificate`` and ``private_key`` are qgate's; a client
     presenting a certificate must chain to ``ca_bundle``, and with
@@ -186,7 +186,7 @@ class StorageConfig(BaseModel):
     # spool/, outgoing/, quarantine/, models/ and the web key. Unset: default_home().
     root: Path = Field(default_factory=default_home)
     # fsync each instance under its final name before answering Success (power-loss
-    # safety): one flush, which on ext4/XFS/btrfs also commits the rename (qgate/spool.py).
+    # safety): one flush, which on ext4/XFS/btrfs also commits the rename (qgate/core/spool.py).
     fsync: bool = True
     # Also fsync the folder after each rename: POSIX-strict, a second flush per instance,
     # for file systems that do not journal a rename with the file (e.g. some NFS setups).
@@ -194,7 +194,7 @@ class StorageConfig(BaseModel):
     # With fsync on, start each received file's disk write as soon as it is written and
     # evict its pages from the page cache once it is on disk: the spool is read once,
     # later, and new instances then reuse memory instead of growing the cache
-    # (qgate/spool.py).
+    # (qgate/core/spool.py).
     drop_page_cache: bool = True
     # Free-space watermark of the file system under root, in MiB: below it new
     # associations are refused (A-ASSOCIATE-RJ, transient, local limit exceeded) and
