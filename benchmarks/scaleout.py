@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import load_settings
 from qgate.core.db import Job, make_engine, make_session_factory, upgrade
 from qgate.core.db.models import utcnow

@@ -8,7 +8,7 @@ import threading
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import Settings
 from qgate.core.db.models import Event, Job, Series, utcnow
 from qgate.queue import claim, enqueue_score, fail, finish, list_jobs, release_owner, retry_parked

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.cli import main
 from qgate.core.config import RetrainConfig, ScoringConfig, Settings, SliceScorerConfig
 from qgate.core.db.models import ModelVersion, Result, TrainingRun, User, Verdict, utcnow

@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.cli import main
 from qgate.core.config import (
     ArchiveConfig,

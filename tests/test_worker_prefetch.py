@@ -19,7 +19,7 @@ import sqlalchemy
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import QueueConfig, ScoringConfig, Settings, load_settings
 from qgate.core.db import Event, Job, Result, make_engine, make_session_factory
 from qgate.core.db.models import Series, utcnow

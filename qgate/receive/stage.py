@@ -21,7 +21,7 @@ from pathlib import Path
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
-from qgate.assemble import Assembler
+from qgate.assemble.completion import Assembler
 from qgate.core.config import Settings
 from qgate.core.stage import StageName, open_store
 from qgate.receive.drain import stop_server

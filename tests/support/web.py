@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.assemble import queue_complete_series
+from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import Settings
 from qgate.core.db.models import Instance, Series, utcnow
 from qgate.pipeline import build_scorers
