@@ -2,7 +2,7 @@
 
 Writes one synthetic CT series (qgate.synth, Part 10 files), builds each scorer set once
 through the pipeline (``build_scorers``, as the worker does) and times
-``qgate.pipeline.score_series`` on the files: read and decode every instance, HU volume,
+``qgate.score.pipeline.score_series`` on the files: read and decode every instance, HU volume,
 the scorers (preprocessing, model, post-processing) and the gate decision. The report
 objects (SR, SC, PM) are not included. One warm-up run, then the median of ``--reps``
 runs; CPU time is the process's user + system time over the same runs (all threads), so
@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from qgate.core.config import Settings, load_settings
-from qgate.pipeline import LEARNED_SCORERS, build_scorers, score_loaded, score_series
+from qgate.score.pipeline import LEARNED_SCORERS, build_scorers, score_loaded, score_series
 from qgate.score.prefetch import PipelineShape, Prefetcher, SeriesDecoder, adopt, pipeline_shape
+from qgate.score.volume import LoadedSeries, load_series
 from qgate.scoring import Scorer
 from qgate.scoring.learned import (
     CPU_BATCH_SIZE,
@@ -52,7 +53,6 @@ from qgate.scoring.learned import (
     resolve_device,
 )
 from qgate.synth import make_ct_series, write_series
-from qgate.volume import LoadedSeries, load_series
 
 _DEFAULT_VARIANTS = {"cpu": "tiny", "cuda": "small"}
 

@@ -19,8 +19,8 @@ from qgate.core.db.models import AuditEntry, Instance, Series
 from qgate.dispatch.outbox import list_items
 from qgate.dispatch.outbox import retry as retry_sends
 from qgate.gate import ReleaseError, release_series
-from qgate.queue import RescoreError
-from qgate.queue import rescore as queue_rescore
+from qgate.score.queue import RescoreError
+from qgate.score.queue import rescore as queue_rescore
 
 
 class ActionError(Exception):

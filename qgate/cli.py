@@ -251,8 +251,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 def score(ctx: click.Context, path: Path, as_json: bool) -> None:
     """Score every CT series under PATH, offline (no network, no database)."""
     from qgate.core.degrade import SkippedPart
-    from qgate.pipeline import NothingScored, build_scorers, score_series
-    from qgate.volume import SeriesLoadError, find_series
+    from qgate.score.pipeline import NothingScored, build_scorers, score_series
+    from qgate.score.volume import SeriesLoadError, find_series
 
     settings = _settings(ctx)
     scorers = build_scorers(settings)
@@ -312,7 +312,7 @@ def score(ctx: click.Context, path: Path, as_json: bool) -> None:
 @click.pass_context
 def results(ctx: click.Context, series_uid: str | None, as_json: bool) -> None:
     """Show stored results."""
-    from qgate.results import list_results
+    from qgate.score.results import list_results
 
     with _sessions(_settings(ctx))() as session:
         rows = list_results(session, series_uid)
@@ -436,7 +436,7 @@ def jobs() -> None:
 @click.pass_context
 def jobs_list(ctx: click.Context, state: str | None, as_json: bool) -> None:
     """List scoring jobs; parked ones carry their error."""
-    from qgate.queue import list_jobs
+    from qgate.score.queue import list_jobs
 
     with _sessions(_settings(ctx))() as session:
         rows = [
@@ -465,7 +465,7 @@ def jobs_list(ctx: click.Context, state: str | None, as_json: bool) -> None:
 @click.pass_context
 def jobs_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
     """Requeue parked jobs (all, or IDS)."""
-    from qgate.queue import retry_parked
+    from qgate.score.queue import retry_parked
 
     with _sessions(_settings(ctx))() as session:
         n = retry_parked(session, list(ids) or None)

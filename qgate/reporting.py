@@ -26,7 +26,6 @@ from pydicom.uid import RLELossless, generate_uid
 from qgate import __version__
 from qgate.core.degrade import OutputName, PartKind, SkippedPart, SkipReason
 from qgate.core.spool import write_atomic
-from qgate.pipeline import ScoredSeries
 from qgate.report import (
     QualityReport,
     build_quality_map_pm,
@@ -34,6 +33,7 @@ from qgate.report import (
     build_quality_sr,
 )
 from qgate.report.sc import select_slices
+from qgate.score.pipeline import ScoredSeries
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

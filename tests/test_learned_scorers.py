@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from qgate.core.config import LearnedScorerConfig, SliceScorerConfig, load_settings
-from qgate.pipeline import build_scorers, scores_json
 from qgate.report.sc import select_slices
+from qgate.score.pipeline import build_scorers, scores_json
 from qgate.scoring import SeriesVolume, create_scorer
 from qgate.scoring.learned import (
     ChestIQAScorer,

@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import Settings
 from qgate.core.db.models import Event, Job, Series, utcnow
-from qgate.queue import claim, enqueue_score, fail, finish, list_jobs, release_owner, retry_parked
+from qgate.score.queue import (
+    claim,
+    enqueue_score,
+    fail,
+    finish,
+    list_jobs,
+    release_owner,
+    retry_parked,
+)
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 

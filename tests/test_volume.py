@@ -21,8 +21,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from qgate.score.volume import SeriesLoadError, find_series, load_series
 from qgate.synth import make_ct_series, write_series
-from qgate.volume import SeriesLoadError, find_series, load_series
 
 
 def _expected_hu(ds: Dataset) -> np.ndarray:

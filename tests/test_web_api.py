@@ -36,7 +36,7 @@ from qgate.core.db.models import (
     Verdict,
     utcnow,
 )
-from qgate.results import result_object
+from qgate.score.results import result_object
 from qgate.web import create_app, start_web
 from qgate.web.security import SECRET_FILE, load_secret_key, local_path
 from qgate.web.stage import WebStage

@@ -51,10 +51,10 @@ from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.storage import to_local, to_stored
 from qgate.dispatch import run_once
 from qgate.gate import ReleaseError, release_series
-from qgate.pipeline import build_scorers
-from qgate.queue import claim
 from qgate.receive import start_scp
-from qgate.results import list_results
+from qgate.score.pipeline import build_scorers
+from qgate.score.queue import claim
+from qgate.score.results import list_results
 from qgate.score.worker import process_job, work_once
 from qgate.scoring import ScoreOutput, SeriesVolume, register_scorer
 from qgate.synth import make_ct_series, write_series

@@ -23,12 +23,12 @@ from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import QueueConfig, ScoringConfig, Settings, load_settings
 from qgate.core.db import Event, Job, Result, make_engine, make_session_factory
 from qgate.core.db.models import Series, utcnow
-from qgate.queue import claim, count_attempt, enqueue_score, set_aside
 from qgate.score.prefetch import Prefetcher, SeriesDecoder
+from qgate.score.queue import claim, count_attempt, enqueue_score, set_aside
 from qgate.score.stage import WorkerStage
+from qgate.score.volume import SeriesLoadError, load_series
 from qgate.score.worker import ServingModels, Worker
 from qgate.synth import make_ct_series, write_series
-from qgate.volume import SeriesLoadError, load_series
 from tests.conftest import free_port
 from tests.support.qgate_proc import QgateProcess
 from tests.support.web import spool_series

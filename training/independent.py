@@ -248,7 +248,7 @@ Scorer = Callable[[np.ndarray, float], dict[str, float]]
 def qgate_scorers(weights_dir: str | Path | None = None) -> dict[str, Scorer]:
     """The service's scorers as the worker builds them (default config, every slice)."""
     from qgate.core.config import Settings
-    from qgate.pipeline import build_scorers
+    from qgate.score.pipeline import build_scorers
     from training.baselines import series_volume
 
     settings = Settings()

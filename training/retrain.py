@@ -89,7 +89,7 @@ def load_slices(
     """``k`` evenly spaced slices of a series (HU), every slice when ``keep_full``, and the
     in-plane pixel spacing (mm)."""
     from qgate.scoring.learned import subsample_indices
-    from qgate.volume import load_series
+    from qgate.score.volume import load_series
 
     volume = load_series([str(p) for p in paths]).volume
     hu = volume.hu

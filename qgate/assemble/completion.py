@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.core.config import SeriesConfig, Settings
 from qgate.core.db.models import Series, utcnow
 from qgate.core.events import record
-from qgate.queue import enqueue_score
+from qgate.score.queue import enqueue_score
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from types import TracebackType
 from sqlalchemy.orm import Session, sessionmaker
 
 from qgate.core.db.models import Job
-from qgate.queue import renew
+from qgate.score.queue import renew
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ over (:meth:`Prefetcher.get`); the consumer's ``get`` frees the slot for the nex
 The worker (:mod:`qgate.score.worker`) claims jobs with it and decodes their series with
 a :class:`SeriesDecoder`; ``benchmarks/score.py`` streams series through the same two.
 
-:class:`SeriesDecoder` loads a series (:func:`qgate.volume.load_series`) in the calling
+:class:`SeriesDecoder` loads a series (:func:`qgate.score.volume.load_series`) in the calling
 thread, or in a pool of decoder processes (DICOM parsing is Python and holds the
 interpreter lock, so threads do not add decode speed; the volume comes back through
 shared memory). For a CUDA scoring device the volume is made in page-locked memory and
@@ -37,8 +37,8 @@ import numpy as np
 from qgate.core.config import Settings
 from qgate.core.families import FAMILY_NAMES
 from qgate.score.idle import IdlePoll
+from qgate.score.volume import Allocator, LoadedSeries, empty_volume, load_series
 from qgate.scoring.base import SeriesVolume
-from qgate.volume import Allocator, LoadedSeries, empty_volume, load_series
 
 if TYPE_CHECKING:
     import torch
@@ -272,7 +272,7 @@ class SeriesDecoder:
         self._lock = threading.Lock()
 
     def __call__(self, paths: Sequence[Path]) -> LoadedSeries:
-        """Load one series (:func:`qgate.volume.load_series`), staged on the device if any."""
+        """Load one series (:func:`qgate.score.volume.load_series`), staged on the device if any."""
         if self.processes:
             loaded = self._load_elsewhere([str(p) for p in paths])
         else:

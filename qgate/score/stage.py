@@ -16,9 +16,9 @@ from sqlalchemy import Engine
 
 from qgate.core.config import Settings
 from qgate.core.stage import StageName, open_store
-from qgate.queue import release_owner
 from qgate.schedule import start_scheduler
 from qgate.score.idle import IdlePoll
+from qgate.score.queue import release_owner
 from qgate.score.worker import ServingModels, Worker
 
 log = logging.getLogger(__name__)

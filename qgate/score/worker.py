@@ -3,7 +3,7 @@
 A worker thread keeps the scoring device busy: while it scores one series it has already
 claimed and decoded the next ones (``queue.prefetch``; :mod:`qgate.score.prefetch`), and
 :class:`~qgate.score.leases.Leases` renews the lease of every job it holds. A job decoded
-ahead does not count as an attempt while it waits (:func:`qgate.queue.set_aside`); when the
+ahead does not count as an attempt while it waits (:func:`qgate.score.queue.set_aside`); when the
 worker stops, such jobs are put back at once; when it dies, their leases lapse and any
 worker takes them. The worker threads of a process share one copy of the models
 (:class:`ServingModels`), and one :class:`~qgate.score.idle.IdlePoll`: while the queue
@@ -37,14 +37,14 @@ from qgate.core.events import record
 from qgate.core.storage import to_local, to_stored
 from qgate.dispatch.outbox import Destination, enqueue
 from qgate.gate import apply_failure_policy, forward_originals
-from qgate.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded
-from qgate.queue import OnParked, claim, count_attempt, fail, finish, release_owner, set_aside
 from qgate.reporting import WrittenReport, write_report
 from qgate.score.idle import IdlePoll
 from qgate.score.leases import Leases
+from qgate.score.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded
 from qgate.score.prefetch import Prefetcher, SeriesDecoder, adopt, pipeline_shape
+from qgate.score.queue import OnParked, claim, count_attempt, fail, finish, release_owner, set_aside
+from qgate.score.volume import LoadedSeries, SeriesLoadError, load_series
 from qgate.scoring import Scorer
-from qgate.volume import LoadedSeries, SeriesLoadError, load_series
 
 log = logging.getLogger(__name__)
 STAGE = "score"
@@ -61,7 +61,7 @@ class Prepared:
     loaded: LoadedSeries | None
     error: Exception | None
     decode_seconds: float
-    #: Decoded ahead and set aside (:func:`qgate.queue.set_aside`): its attempt is
+    #: Decoded ahead and set aside (:func:`qgate.score.queue.set_aside`): its attempt is
     #: counted again when it starts.
     set_aside: bool = False
 

@@ -1,7 +1,7 @@
 """Turn a result's ``scores`` JSON into what the pages show, without knowing the scorers.
 
 A scorer's entry is ``{output: scalar, ..., "slices": {output: [per-slice]}, "version"}``
-(:func:`qgate.pipeline.scores_json`). Everything scalar becomes a table row, nested
+(:func:`qgate.score.pipeline.scores_json`). Everything scalar becomes a table row, nested
 objects are flattened to dotted names, per-slice lists become strip plots; so a new model's
 outputs appear without a change here.
 """

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.assemble.completion import queue_complete_series
 from qgate.core.config import Settings
 from qgate.core.db.models import Instance, Series, utcnow
-from qgate.pipeline import build_scorers
+from qgate.score.pipeline import build_scorers
 from qgate.score.worker import work_once
 from qgate.synth import make_ct_series
 from qgate.users import create_user

@@ -19,9 +19,9 @@ from qgate.core.config import Settings, Threshold
 from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.families import FAMILY_NAMES
 from qgate.decide import Decision, decide
+from qgate.score.volume import LoadedSeries, load_series
 from qgate.scoring import ScoreOutput, Scorer, create_scorer
 from qgate.scoring.learned import set_torch_threads
-from qgate.volume import LoadedSeries, load_series
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def score_series(
 
     Raises
     ------
-    qgate.volume.SeriesLoadError
+    qgate.score.volume.SeriesLoadError
         No usable CT instance.
     NothingScored
         Every scorer raised.
