@@ -44,14 +44,14 @@ import torch
 from qgate.core.config import Settings, load_settings
 from qgate.score.pipeline import LEARNED_SCORERS, build_scorers, score_loaded, score_series
 from qgate.score.prefetch import PipelineShape, Prefetcher, SeriesDecoder, adopt, pipeline_shape
-from qgate.score.volume import LoadedSeries, load_series
-from qgate.scoring import Scorer
-from qgate.scoring.learned import (
+from qgate.score.scorers import Scorer
+from qgate.score.scorers.learned import (
     CPU_BATCH_SIZE,
     CUDA_BATCH_SIZE,
     default_weights_path,
     resolve_device,
 )
+from qgate.score.volume import LoadedSeries, load_series
 from qgate.synth import make_ct_series, write_series
 
 _DEFAULT_VARIANTS = {"cpu": "tiny", "cuda": "small"}

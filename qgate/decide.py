@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from qgate.core.config import DEFAULT_THRESHOLDS as DEFAULT_THRESHOLDS
 from qgate.core.config import Threshold
-from qgate.scoring.base import ScoreOutput
+from qgate.score.scorers.base import ScoreOutput
 
 # The defaults live in qgate.core.config (no scorer imports there); re-exported here.
 

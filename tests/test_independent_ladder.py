@@ -26,7 +26,7 @@ def ladder_scores() -> list[dict[str, float]]:
     hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     anatomy = EvalAnatomy("ct_small", denoise(hu)[None], float(ds.PixelSpacing[0]), "unknown")
     score = qgate_scorers()["qgate"]
-    from qgate.scoring.base import create_scorer
+    from qgate.score.scorers.base import create_scorer
 
     chest = create_scorer("chestiqa")
     rows = []

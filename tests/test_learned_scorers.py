@@ -1,4 +1,4 @@
-"""The learned scorers (qgate.scoring.learned): outputs, subsampling, weights, pipeline.
+"""The learned scorers (qgate.score.scorers.learned): outputs, subsampling, weights, pipeline.
 
 Weights are random-init tiny models written to a temporary folder: these tests check the
 plumbing (keys, types, ranges, lengths, maps, errors), never the quality of the scores.
@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from qgate.core.config import LearnedScorerConfig, SliceScorerConfig, load_settings
 from qgate.report.sc import select_slices
 from qgate.score.pipeline import build_scorers, scores_json
-from qgate.scoring import SeriesVolume, create_scorer
-from qgate.scoring.learned import (
+from qgate.score.scorers import SeriesVolume, create_scorer
+from qgate.score.scorers.learned import (
     ChestIQAScorer,
     MDIQAScorer,
     N2QScorer,

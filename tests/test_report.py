@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from qgate.report import QualityReport, build_quality_map_sc, build_quality_sr
 from qgate.report.render import SliceRenderer, resize_map
 from qgate.report.sc import patient_orientation
-from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap
 from qgate.synth import make_ct_series
 
 N_SLICES = 4

@@ -23,7 +23,7 @@ from qgate.core.config import load_settings
 from qgate.report import QualityReport, build_quality_map_pm
 from qgate.reporting import write_report
 from qgate.score.pipeline import build_scorers, score_series
-from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap
 from qgate.synth import make_ct_series, write_series
 from tests.test_learned_scorers import write_random_weights
 

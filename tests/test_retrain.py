@@ -199,7 +199,7 @@ def test_chest_refit_and_simulated_data_are_trained_recorded_and_plotted(
     the registry, and active only with a promotion it does not make worse), the simulated
     folder joins training and held-out sets, and the training-runs page plots the run."""
     from qgate.models import predict_chestiqa
-    from qgate.scoring.learned import load_model
+    from qgate.score.scorers.learned import load_model
     from training.retrain import load_slices
 
     sim, counts = _simulated(tmp_path / "sim")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qgate.scoring import (
+from qgate.score.scorers import (
     NoiseScorer,
     Scorer,
     SeriesVolume,
@@ -16,8 +16,8 @@ from qgate.scoring import (
     create_scorer,
     list_scorers,
 )
-from qgate.scoring.body import block_all, block_mean, body_mask
-from qgate.scoring.noise import lowest_mode
+from qgate.score.scorers.body import block_all, block_mean, body_mask
+from qgate.score.scorers.noise import lowest_mode
 from qgate.synth import make_ct_series, phantom_slice
 
 

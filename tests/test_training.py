@@ -320,7 +320,7 @@ def test_eval_ldctiqa_on_a_synthetic_layout_folder(tiny: dict[str, Path], tmp_pa
 @pytest.mark.skipif(not (WEIGHTS / "mdiqa.safetensors").exists(), reason="weights not shipped")
 def test_shipped_weights_load_match_their_cards_and_fit_the_budget() -> None:
     from qgate.models import ChestIQANet, N2QNet, load_mdiqa
-    from qgate.scoring.learned import load_model
+    from qgate.score.scorers.learned import load_model
     from training.fit.export import read_metadata, sha256
 
     files = {"mdiqa": "mdiqa", "n2q": "n2q", "chestiqa": "chestiqa"}

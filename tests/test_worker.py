@@ -55,8 +55,8 @@ from qgate.receive import start_scp
 from qgate.score.pipeline import build_scorers
 from qgate.score.queue import claim
 from qgate.score.results import list_results
+from qgate.score.scorers import ScoreOutput, SeriesVolume, register_scorer
 from qgate.score.worker import process_job, work_once
-from qgate.scoring import ScoreOutput, SeriesVolume, register_scorer
 from qgate.synth import make_ct_series, write_series
 from qgate.web.crud import WorklistRow, list_series
 from qgate.web.schemas import WorklistQuery

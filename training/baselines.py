@@ -1,7 +1,7 @@
 """Classical image-quality measures, run on the same held-out data as the models.
 
-* robust noise sigma in HU (``qgate.scoring.noise``, the service's own scorer);
-* ROI SNR, (mean HU + 1000) / std (``qgate.scoring.snr``);
+* robust noise sigma in HU (``qgate.score.scorers.noise``, the service's own scorer);
+* ROI SNR, (mean HU + 1000) / std (``qgate.score.scorers.snr``);
 * BRISQUE (the ``brisque`` package, offline; :func:`qgate.core.physics.brisque_label`).
 
 Each works on HU arrays with a pixel size, wrapping them in a :class:`SeriesVolume` the
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from qgate.scoring.base import SeriesVolume
+from qgate.score.scorers.base import SeriesVolume
 
 __all__ = [
     "apply_thresholds",
@@ -47,7 +47,7 @@ def series_volume(hu: np.ndarray, pixel_mm: float, slice_mm: float = 2.5) -> Ser
 
 def noise_sigma(hu: np.ndarray, pixel_mm: float) -> float:
     """Series noise sigma (HU) of the service's ``noise`` scorer; NaN if not measurable."""
-    from qgate.scoring.noise import NoiseScorer
+    from qgate.score.scorers.noise import NoiseScorer
 
     out = NoiseScorer().score(series_volume(hu, pixel_mm))
     return float(out.series.get("noise_sigma_hu", math.nan))
@@ -55,7 +55,7 @@ def noise_sigma(hu: np.ndarray, pixel_mm: float) -> float:
 
 def snr_classic(hu: np.ndarray, pixel_mm: float, slice_mm: float = 2.5) -> float:
     """Series SNR of the service's ``snr`` scorer; NaN if no ROI fits."""
-    from qgate.scoring.snr import SnrScorer
+    from qgate.score.scorers.snr import SnrScorer
 
     out = SnrScorer().score(series_volume(hu, pixel_mm, slice_mm))
     return float(out.series.get("snr", math.nan))

@@ -88,7 +88,7 @@ def _eval_lines(model: str, res: dict[str, Any]) -> list[str]:
         f"| noise sigma, nearest class median | {_f(r['baselines']['window']['accuracy'])} | "
         f"{_f(r['baselines']['dose']['accuracy'])} | "
         f"{_f(r['baselines']['snr_noise_sigma']['srocc'])} |",
-        f"| ROI SNR (qgate.scoring.snr) | | | {_f(r['baselines']['snr_roi']['srcc'])} |",
+        f"| ROI SNR (qgate.score.scorers.snr) | | | {_f(r['baselines']['snr_roi']['srcc'])} |",
     ]
     return lines
 

@@ -516,7 +516,7 @@ def _chest_section(plan: EvalPlan, out: Path, echo: Echo) -> Section:
         [
             ["window accuracy", win.accuracy, b_win.accuracy, "noise sigma"],
             ["dose accuracy", dose.accuracy, b_dose.accuracy, "noise sigma"],
-            ["SNR SRCC", snr.srcc, b_snr.srcc, "ROI SNR (qgate.scoring.snr)"],
+            ["SNR SRCC", snr.srcc, b_snr.srcc, "ROI SNR (qgate.score.scorers.snr)"],
             ["SNR SRCC", snr.srcc, b_snr_sig.srocc, "noise sigma (negated)"],
         ],
     )

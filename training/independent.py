@@ -538,9 +538,9 @@ def run_chest(
     weights: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    import qgate.scoring.learned  # noqa: F401  (registers the learned scorers)
+    import qgate.score.scorers.learned  # noqa: F401  (registers the learned scorers)
     from qgate.core.config import LearnedScorerConfig
-    from qgate.scoring.base import create_scorer
+    from qgate.score.scorers.base import create_scorer
     from training.baselines import series_volume
 
     cfg = LearnedScorerConfig(weights=Path(weights) if weights else None)

@@ -88,7 +88,7 @@ def load_slices(
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """``k`` evenly spaced slices of a series (HU), every slice when ``keep_full``, and the
     in-plane pixel spacing (mm)."""
-    from qgate.scoring.learned import subsample_indices
+    from qgate.score.scorers.learned import subsample_indices
     from qgate.score.volume import load_series
 
     volume = load_series([str(p) for p in paths]).volume
@@ -279,7 +279,7 @@ def train(request: TrainRequest, out_dir: Path) -> TrainResult:
     import torch
 
     from qgate.models.mdiqa import resolve_data_config
-    from qgate.scoring.learned import load_model
+    from qgate.score.scorers.learned import load_model
 
     params = request.params
     k = params.slices_per_series
@@ -372,7 +372,7 @@ def _refit_chest(
     import torch
 
     from qgate.models import predict_chestiqa
-    from qgate.scoring.learned import load_model
+    from qgate.score.scorers.learned import load_model
 
     model: ChestIQANet = load_model("chestiqa", weights)  # type: ignore[assignment]
 

@@ -300,7 +300,8 @@ class GateConfig(BaseModel):
 
 
 class LearnedScorerConfig(BaseModel):
-    """Settings of one learned scorer (``mdiqa``, ``n2q``, ``chestiqa``; qgate.scoring.learned).
+    """Settings of one learned scorer (``mdiqa``, ``n2q``, ``chestiqa``;
+    :mod:`qgate.score.scorers.learned`).
 
     A scorer refuses to start without its weights file: qgate never scores with untrained
     weights.

@@ -1,7 +1,7 @@
 """The one table of learned model families: MD-IQA, Noise2Quality, Chest CT-IQA.
 
 Every part of qgate that needs to know which model families exist reads :data:`FAMILIES`:
-the scorers (:mod:`qgate.scoring.learned`), the scoring settings (``scoring.<name>``),
+the scorers (:mod:`qgate.score.scorers.learned`), the scoring settings (``scoring.<name>``),
 the model registry (:mod:`qgate.core.registry`), the retraining and the web app. A family's
 ``name`` is at once its scorer name, its registry kind, its ``scoring.<name>`` key, the
 prefix of its model entry points (``<name>_tiny``) and the stem of its shipped weights

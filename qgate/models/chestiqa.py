@@ -95,7 +95,7 @@ class QualityFitConfig:
           0-100 scale); an OLS intercept of 6.19 with a coefficient of 1.38 needs the
           BRISQUE feature near 0.4, i.e. BRISQUE / 100. Raw, the score would be ~55.
         - SNR: 0.05. The paper's SNR sat within ~4.5 of the scores (a few units);
-          qgate's SNR ((HU + 1000) / sigma over soft-tissue ROIs, ``qgate.scoring.snr``)
+          qgate's SNR ((HU + 1000) / sigma over soft-tissue ROIs, ``qgate.score.scorers.snr``)
           is ~25-100, so 0.05 brings it to that magnitude.
     use_probabilities : bool
         X1, X2 as class probabilities (default) or hard 0/1 labels.

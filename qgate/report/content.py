@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
 from qgate.core.degrade import PartKind, SkippedPart
-from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap
 
 #: SOP Class UIDs of the SR storage classes a predecessor report may have.
 _SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -32,7 +32,7 @@ class GateDecision(enum.Enum):
 
 @dataclass(frozen=True)
 class NamedMap:
-    """A :class:`~qgate.scoring.base.SliceMap` together with the scorer that produced it."""
+    """A :class:`~qgate.score.scorers.base.SliceMap` together with the scorer that produced it."""
 
     scorer: str
     map: SliceMap
@@ -54,9 +54,9 @@ class QualityReport:
         uses only their patient, study and geometry attributes, never their pixel data).
         All must belong to ``volume``'s series and study, and every instance named in
         ``volume.sop_instance_uids`` must be among them.
-    volume: qgate.scoring.base.SeriesVolume
+    volume: qgate.score.scorers.base.SeriesVolume
         The preprocessed series that was scored (HU volume and geometry).
-    scores: Mapping[str, qgate.scoring.base.ScoreOutput]
+    scores: Mapping[str, qgate.score.scorers.base.ScoreOutput]
         Scorer name to that scorer's output. At least one scorer is required.
     versions: Mapping[str, str]
         Scorer name to scorer version; required for every scorer in ``scores``.

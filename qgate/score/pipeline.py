@@ -19,13 +19,13 @@ from qgate.core.config import Settings, Threshold
 from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.families import FAMILY_NAMES
 from qgate.decide import Decision, decide
+from qgate.score.scorers import ScoreOutput, Scorer, create_scorer
+from qgate.score.scorers.learned import set_torch_threads
 from qgate.score.volume import LoadedSeries, load_series
-from qgate.scoring import ScoreOutput, Scorer, create_scorer
-from qgate.scoring.learned import set_torch_threads
 
 log = logging.getLogger(__name__)
 
-#: The learned scorers (qgate.scoring.learned), configured by ``scoring.<name>``.
+#: The learned scorers (qgate.score.scorers.learned), configured by ``scoring.<name>``.
 LEARNED_SCORERS = FAMILY_NAMES
 
 

@@ -12,7 +12,7 @@ interpreter lock, so threads do not add decode speed; the volume comes back thro
 shared memory). For a CUDA scoring device the volume is made in page-locked memory and
 copied to the device on a stream of its own, in the decode thread, so the copy overlaps
 the previous series' model work: scorers read :attr:`SeriesVolume.device_hu` and copy
-nothing more (:mod:`qgate.scoring.learned`).
+nothing more (:mod:`qgate.score.scorers.learned`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import numpy as np
 from qgate.core.config import Settings
 from qgate.core.families import FAMILY_NAMES
 from qgate.score.idle import IdlePoll
+from qgate.score.scorers.base import SeriesVolume
 from qgate.score.volume import Allocator, LoadedSeries, empty_volume, load_series
-from qgate.scoring.base import SeriesVolume
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +186,7 @@ def pipeline_shape(settings: Settings) -> PipelineShape:
     learned = any(name in FAMILY_NAMES for name in settings.scoring.scorers)
     device = None
     if learned and settings.scoring.device != "cpu":
-        from qgate.scoring.learned import resolve_device
+        from qgate.score.scorers.learned import resolve_device
 
         resolved = resolve_device(settings.scoring.device)
         device = resolved if resolved.type == "cuda" else None

@@ -1,4 +1,4 @@
-"""Load a CT series from DICOM files into a :class:`~qgate.scoring.base.SeriesVolume`.
+"""Load a CT series from DICOM files into a :class:`~qgate.score.scorers.base.SeriesVolume`.
 
 :func:`load_series` turns the instances of one series into an HU volume sorted along the
 slice normal; :func:`find_series` groups a folder of DICOM files by series for the
@@ -41,7 +41,7 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
-from qgate.scoring.base import SeriesVolume
+from qgate.score.scorers.base import SeriesVolume
 
 log = logging.getLogger(__name__)
 

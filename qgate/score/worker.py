@@ -43,8 +43,8 @@ from qgate.score.leases import Leases
 from qgate.score.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded
 from qgate.score.prefetch import Prefetcher, SeriesDecoder, adopt, pipeline_shape
 from qgate.score.queue import OnParked, claim, count_attempt, fail, finish, release_owner, set_aside
+from qgate.score.scorers import Scorer
 from qgate.score.volume import LoadedSeries, SeriesLoadError, load_series
-from qgate.scoring import Scorer
 
 log = logging.getLogger(__name__)
 STAGE = "score"

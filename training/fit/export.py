@@ -1,7 +1,7 @@
 """Weights files in the form the service loads: safetensors plus JSON metadata.
 
 Every file carries ``qgate_model`` (the registry entry point, e.g. ``n2q_tiny``, read by
-``qgate.scoring`` to rebuild the model with ``create_model(name, weights=path)``) and
+``qgate.score.scorers`` to rebuild the model with ``create_model(name, weights=path)``) and
 ``qgate_config`` (the model's config as JSON). MD-IQA files also carry ``mdiqa_config``,
 so :func:`qgate.models.load_mdiqa` rebuilds them (same key as
 :func:`qgate.models.save_mdiqa`). Optional ``qgate_training`` holds a short JSON record of

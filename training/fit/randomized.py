@@ -110,7 +110,7 @@ def load_data(roots: Sequence[str | Path], split: str) -> dict[str, torch.Tensor
 
 def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
     from qgate.models import create_model
-    from qgate.scoring.learned import default_weights_path, load_model
+    from qgate.score.scorers.learned import default_weights_path, load_model
 
     path = Path(cfg.init) if cfg.init else default_weights_path(cfg.family)
     base = load_model(cfg.family, path)  # type: ignore[arg-type]

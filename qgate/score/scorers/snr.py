@@ -11,7 +11,7 @@ Method (version 1.0.0)
    spacing)`` pixels in-plane and ``round(roi_mm / slice spacing)`` slices (at least one),
    tiling the volume without overlap.
 2. An ROI is used only if every voxel lies in soft tissue inside the body: the body mask
-   (:mod:`qgate.scoring.body`) and ``soft_tissue_hu`` (-300..300 HU) on a 2 x 2 block
+   (:mod:`qgate.score.scorers.body`) and ``soft_tissue_hu`` (-300..300 HU) on a 2 x 2 block
    mean for slices of 384 pixels and more. Lung, bone, air and the table are left out.
 3. ROI SNR = (mean HU + 1000) / standard deviation (n - 1) of HU over the ROI.
 4. The series SNR is the median over ROIs (robust to the ROIs that straddle a fat/muscle
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qgate.scoring.base import ScoreOutput, SeriesVolume, register_scorer
-from qgate.scoring.body import block_all, block_mean, block_view, body_mask, mask_scale
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, register_scorer
+from qgate.score.scorers.body import block_all, block_mean, block_view, body_mask, mask_scale
 
 
 @dataclass(frozen=True)

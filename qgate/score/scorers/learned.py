@@ -1,7 +1,7 @@
 """The learned scorers: MD-IQA (``mdiqa``), Noise2Quality (``n2q``), Chest CT-IQA (``chestiqa``).
 
 Each wraps one model of :mod:`qgate.models` behind the scorer interface
-(:mod:`qgate.scoring.base`). The worker builds its scorers once, so a model is loaded once
+(:mod:`qgate.score.scorers.base`). The worker builds its scorers once, so a model is loaded once
 per scorer instance and reused for every series.
 
 Weights
@@ -62,7 +62,7 @@ Outputs
     ``mean_quality``: mean predicted SSIM (against a noiseless acquisition with the same
     kernel, in C40/W400) over the whole of the scored slices, the map clipped to [0, 1];
     ``body_quality``: the same over the body pixels only (body mask:
-    :func:`qgate.scoring.body.body_mask`, on the model's grid); ``dose_class``: the dose
+    :func:`qgate.score.scorers.body.body_mask`, on the model's grid); ``dose_class``: the dose
     level (percent of routine dose for this kernel and patient) with the highest mean
     probability over the scored slices that hold body; ``slices_scored``. Per slice:
     ``mean_quality``, ``body_quality``. Map ``quality``: predicted SSIM on the model's
@@ -93,8 +93,8 @@ import numpy as np
 from qgate.core.config import LearnedScorerConfig, SliceScorerConfig
 from qgate.core.families import SHIPPED_WEIGHTS_DIR, Family, ModelFamily
 from qgate.core.families import family as family_of
-from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
-from qgate.scoring.body import block_mean, body_mask, mask_scale
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
+from qgate.score.scorers.body import block_mean, body_mask, mask_scale
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ Two statistics are taken on a grid of 8 x 8-pixel blocks of every slice:
   the trimmed mean (rather than a median) keeps it smooth on integer-valued data.
 * the block variance around the block mean, and that of 16 x 16 blocks (2 x 2 groups).
 
-A block counts only if it lies wholly in the body (:mod:`qgate.scoring.body`) and its
+A block counts only if it lies wholly in the body (:mod:`qgate.score.scorers.body`) and its
 mean is in soft tissue or fat (``hu_range``, -250..250 HU): lung, bone and air are left
 out.
 
@@ -66,8 +66,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qgate.scoring.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
-from qgate.scoring.body import block_all, block_mean, block_view, body_mask, mask_scale
+from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
+from qgate.score.scorers.body import block_all, block_mean, block_view, body_mask, mask_scale
 
 #: variance / L^2 for white Gaussian noise: L = E[|d| ; |d| < q75] with d ~ N(0, 2 sigma^2).
 R_WHITE = 1.885899722636613

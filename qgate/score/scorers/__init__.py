@@ -1,10 +1,10 @@
-"""Scorers: the interface (:mod:`qgate.scoring.base`) and the registered measures.
+"""Scorers: the interface (:mod:`qgate.score.scorers.base`) and the registered measures.
 
 Importing this package registers the classical measures ``noise`` and ``snr``; build one
 with ``create_scorer("noise")``.
 """
 
-from qgate.scoring.base import (
+from qgate.score.scorers.base import (
     ScoreOutput,
     Scorer,
     SeriesVolume,
@@ -13,8 +13,8 @@ from qgate.scoring.base import (
     list_scorers,
     register_scorer,
 )
-from qgate.scoring.noise import NoiseConfig, NoiseScorer
-from qgate.scoring.snr import SnrConfig, SnrScorer
+from qgate.score.scorers.noise import NoiseConfig, NoiseScorer
+from qgate.score.scorers.snr import SnrConfig, SnrScorer
 
 __all__ = [
     "NoiseConfig",
