@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 
 from qgate.core.config import Settings
 from qgate.core.db.models import AuditEntry, Instance, Series
+from qgate.decide.gate import ReleaseError, release_series
 from qgate.dispatch.outbox import list_items
 from qgate.dispatch.outbox import retry as retry_sends
-from qgate.gate import ReleaseError, release_series
 from qgate.score.queue import RescoreError
 from qgate.score.queue import rescore as queue_rescore
 

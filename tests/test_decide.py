@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qgate.core.config import Threshold
-from qgate.decide import DEFAULT_THRESHOLDS, Decision, decide
+from qgate.decide.thresholds import DEFAULT_THRESHOLDS, Decision, decide
 from qgate.score.scorers import ScoreOutput
 
 NOISE_MAX = Threshold(scorer="noise", output="noise_sigma_hu", max=25.0)

@@ -49,8 +49,8 @@ from qgate.core.db.models import (
 )
 from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.storage import to_local, to_stored
+from qgate.decide.gate import ReleaseError, release_series
 from qgate.dispatch import run_once
-from qgate.gate import ReleaseError, release_series
 from qgate.receive import start_scp
 from qgate.score.pipeline import build_scorers
 from qgate.score.queue import claim

@@ -18,7 +18,7 @@ from typing import Any
 from qgate.core.config import Settings, Threshold
 from qgate.core.degrade import PartKind, SkippedPart, SkipReason
 from qgate.core.families import FAMILY_NAMES
-from qgate.decide import Decision, decide
+from qgate.decide.thresholds import Decision, decide
 from qgate.score.scorers import ScoreOutput, Scorer, create_scorer
 from qgate.score.scorers.learned import set_torch_threads
 from qgate.score.volume import LoadedSeries, load_series
@@ -96,7 +96,7 @@ def score_series(
     """Load the files of one series, run every scorer on it and apply the gate thresholds.
 
     A scorer that raises is skipped and recorded; a threshold on its outputs then flags
-    the series (:func:`qgate.decide.decide`: a gate that cannot measure must not pass).
+    the series (:func:`qgate.decide.thresholds.decide`: a gate that cannot measure must not pass).
 
     Raises
     ------

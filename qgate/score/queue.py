@@ -184,7 +184,7 @@ def fail(
     """Record a failed attempt. Returns the new state: 'queued' to retry, or 'parked'. Commits.
 
     A parked job marks its series ``failed`` and calls ``on_parked`` in the same
-    transaction (the worker passes :func:`qgate.gate.apply_failure_policy`).
+    transaction (the worker passes :func:`qgate.decide.gate.apply_failure_policy`).
     """
     parked = (not retryable) or job.attempts >= max_attempts
     state = "parked" if parked else "queued"

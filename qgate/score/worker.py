@@ -35,8 +35,8 @@ from qgate.core.config import Settings
 from qgate.core.db.models import Instance, Job, Result, Series
 from qgate.core.events import record
 from qgate.core.storage import to_local, to_stored
+from qgate.decide.gate import apply_failure_policy, forward_originals
 from qgate.dispatch.outbox import Destination, enqueue
-from qgate.gate import apply_failure_policy, forward_originals
 from qgate.reporting import WrittenReport, write_report
 from qgate.score.idle import IdlePoll
 from qgate.score.leases import Leases
