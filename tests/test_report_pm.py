@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from qgate.core.config import load_settings
 from qgate.report import QualityReport, build_quality_map_pm
-from qgate.reporting import write_report
+from qgate.report.write import write_report
 from qgate.score.pipeline import build_scorers, score_series
 from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap
 from qgate.synth import make_ct_series, write_series

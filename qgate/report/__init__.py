@@ -4,6 +4,7 @@ Build a :class:`QualityReport` once per scored series, then hand it to
 :func:`build_quality_sr` (TID 1500 Measurement Report, Enhanced SR),
 :func:`build_quality_map_sc` (one RGB Secondary Capture image per scored slice) and
 :func:`build_quality_map_pm` (the real-valued map as a float Parametric Map).
+:func:`qgate.report.write.write_report` writes them to disk for the worker.
 """
 
 from qgate.report.content import GateDecision, NamedMap, QualityReport

@@ -37,7 +37,7 @@ from qgate.core.events import record
 from qgate.core.storage import to_local, to_stored
 from qgate.decide.gate import apply_failure_policy, forward_originals
 from qgate.dispatch.outbox import Destination, enqueue
-from qgate.reporting import WrittenReport, write_report
+from qgate.report.write import WrittenReport, write_report
 from qgate.score.idle import IdlePoll
 from qgate.score.leases import Leases
 from qgate.score.pipeline import LEARNED_SCORERS, ScoredSeries, build_scorers, score_loaded

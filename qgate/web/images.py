@@ -1,7 +1,7 @@
 """The quality-map images of a result, as PNG for the browser.
 
 The worker writes one RGB Secondary Capture per scored slice next to the result's SR
-(``Result.sr_path``'s folder, ``sc00000.dcm`` ...; see :mod:`qgate.reporting`). Those files
+(``Result.sr_path``'s folder, ``sc00000.dcm`` ...; see :mod:`qgate.report.write`). Those files
 are what the archive receives, so the review app shows exactly them: decoded with pydicom,
 encoded as PNG with Pillow on request, and kept in a small in-memory LRU cache. A result's
 folder never changes once written, so the PNGs can be cached by the browser too.
