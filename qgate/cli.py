@@ -565,7 +565,7 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     enough ago, sent outgoing files, and old event/audit rows; never anything unsent or
     unscored. `qgate serve` runs the same on retention.cron.
     """
-    from qgate.retention import run_purge
+    from qgate.housekeeping.retention import run_purge
 
     settings = _settings(ctx)
     report = run_purge(settings, _sessions(settings), dry_run=dry_run)

@@ -1,4 +1,4 @@
-"""Retention (qgate.retention, ``qgate purge``) on SQLite and PostgreSQL: only what was
+"""Retention (qgate.housekeeping.retention, ``qgate purge``) on SQLite and PostgreSQL: only what was
 delivered goes; unsent, unscored and held series stay.
 
 Series are scored by the real worker and sent by the real dispatcher to dcmtk's storescp.
@@ -19,7 +19,7 @@ from qgate.core.config import ArchiveConfig, GateConfig, RetentionConfig, Scorin
 from qgate.core.db.models import Event, Instance, OutboxItem, Series, utcnow
 from qgate.core.storage import to_local
 from qgate.dispatch.dispatcher import run_once
-from qgate.retention import run_purge
+from qgate.housekeeping.retention import run_purge
 from tests.conftest import free_port
 from tests.support.storescp import storescp
 from tests.support.web import score_pending, spool_series

@@ -389,7 +389,7 @@ class WebConfig(BaseModel):
 
 
 class RetentionConfig(BaseModel):
-    """What ``qgate purge`` and the scheduled purge delete (qgate.retention).
+    """What ``qgate purge`` and the scheduled purge delete (qgate.housekeeping.retention).
 
     Ages are in days (fractions allowed; 0: at the next run); null keeps that kind of data
     forever. Nothing unsent or unscored is deleted, whatever the ages: spool originals go

@@ -3,7 +3,7 @@ it beats the serving model on held-out series (issue 5).
 
 The service schedules, compares and promotes; the training itself runs in a child
 process, so the service never imports ``training/`` (issue 11). One run
-(:func:`run_retrain`, from the scheduler in :mod:`qgate.schedule` or ``qgate retrain
+(:func:`run_retrain`, from the scheduler in :mod:`qgate.housekeeping.schedule` or ``qgate retrain
 --now``), under a cluster-wide lock:
 
 1. :mod:`~qgate.retrain.runs`: a ``training_runs`` row, ``running``, owned by this process.

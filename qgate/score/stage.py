@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from qgate.core.config import Settings
 from qgate.core.stage import StageName, open_store
-from qgate.schedule import start_scheduler
+from qgate.housekeeping.schedule import start_scheduler
 from qgate.score.idle import IdlePoll
 from qgate.score.queue import release_owner
 from qgate.score.worker import ServingModels, Worker

@@ -85,8 +85,8 @@ class Series(Base):
     forwarded_generation: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-    # When retention deleted the spool originals (qgate.retention); the instance rows stay
-    # as the record of what was received. Set: nothing left to forward or rescore.
+    # When retention deleted the spool originals (qgate.housekeeping.retention); the instance
+    # rows stay as the record of what was received. Set: nothing left to forward or rescore.
     originals_purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 

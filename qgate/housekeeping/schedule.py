@@ -34,7 +34,7 @@ def scheduled_retrain(settings: Settings, sessions: sessionmaker[Session]) -> No
 
 def scheduled_purge(settings: Settings, sessions: sessionmaker[Session]) -> None:
     """The scheduler's purge job: skipped while another process purges."""
-    from qgate.retention import run_purge
+    from qgate.housekeeping.retention import run_purge
 
     with cluster_lock(sessions.kw["bind"], PURGE_LOCK) as held:
         if not held:
