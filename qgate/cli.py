@@ -333,7 +333,7 @@ def results(ctx: click.Context, series_uid: str | None, as_json: bool) -> None:
 @click.pass_context
 def release(ctx: click.Context, series_uid: str) -> None:
     """Forward a held series (flagged in gate mode, or failed under gate.on_failure: hold)."""
-    from qgate import actions
+    from qgate.web import actions
 
     settings = _settings(ctx)
     with _sessions(settings)() as session:
@@ -349,7 +349,7 @@ def release(ctx: click.Context, series_uid: str) -> None:
 @click.pass_context
 def rescore(ctx: click.Context, series_uid: str) -> None:
     """Score a series again (a failed one, or to supersede its result); audited."""
-    from qgate import actions
+    from qgate.web import actions
 
     with _sessions(_settings(ctx))() as session:
         try:
@@ -364,7 +364,7 @@ def rescore(ctx: click.Context, series_uid: str) -> None:
 @click.pass_context
 def resubmit(ctx: click.Context, series_uid: str) -> None:
     """Send a series' dead-lettered sends (results or originals) again; audited."""
-    from qgate import actions
+    from qgate.web import actions
 
     with _sessions(_settings(ctx))() as session:
         try:
@@ -590,7 +590,7 @@ def user() -> None:
 @click.pass_context
 def user_add(ctx: click.Context, name: str, role: str) -> None:
     """Create user NAME; the password is read from stdin (prompted for on a terminal)."""
-    from qgate.users import UserError, create_user
+    from qgate.web.users import UserError, create_user
 
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
@@ -612,8 +612,8 @@ def _read_password() -> str:
 
 
 def _change_user(ctx: click.Context, change: Any, done: str) -> None:
-    """Run ``change(session)`` (a qgate.users function, audited as by "cli") and commit."""
-    from qgate.users import UserError
+    """Run ``change(session)`` (a qgate.web.users function, audited as by "cli") and commit."""
+    from qgate.web.users import UserError
 
     with _sessions(_settings(ctx))() as session:
         try:
@@ -629,7 +629,7 @@ def _change_user(ctx: click.Context, change: Any, done: str) -> None:
 @click.pass_context
 def user_disable(ctx: click.Context, name: str) -> None:
     """Disable user NAME: no logins; open sessions end at their next request."""
-    from qgate.users import set_active
+    from qgate.web.users import set_active
 
     _change_user(ctx, lambda s: set_active(s, username=name, active=False), f"user {name} disabled")
 
@@ -639,7 +639,7 @@ def user_disable(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def user_enable(ctx: click.Context, name: str) -> None:
     """Re-enable user NAME."""
-    from qgate.users import set_active
+    from qgate.web.users import set_active
 
     _change_user(ctx, lambda s: set_active(s, username=name, active=True), f"user {name} enabled")
 
@@ -649,7 +649,7 @@ def user_enable(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def user_password(ctx: click.Context, name: str) -> None:
     """Reset the password of NAME (read from stdin, prompted for on a terminal)."""
-    from qgate.users import reset_password
+    from qgate.web.users import reset_password
 
     password = _read_password()
     _change_user(
@@ -664,7 +664,7 @@ def user_password(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def user_unlock(ctx: click.Context, name: str) -> None:
     """Forget the failed logins that throttle NAME."""
-    from qgate.users import unlock_user
+    from qgate.web.users import unlock_user
 
     _change_user(ctx, lambda s: unlock_user(s, username=name), f"user {name} unlocked")
 

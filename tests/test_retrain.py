@@ -24,7 +24,7 @@ from qgate.core.registry import activate, active_weights, local_weights_path, sh
 from qgate.retrain import decide, reviewed_labels, run_retrain, split_groups
 from qgate.retrain.labels import series_paths
 from qgate.score.worker import Worker
-from qgate.web import create_app
+from qgate.web.app import create_app
 from tests.support.web import add_user, login, scored_series, spool_series
 
 

@@ -18,7 +18,7 @@ from qgate.core.config import Settings
 from qgate.core.db.models import Event, TrainingRun, utcnow
 from qgate.retrain import recover_interrupted_runs, run_retrain
 from qgate.retrain.runs import _ACTIVE_RUNS, _process_start, run_owner
-from qgate.web import create_app
+from qgate.web.app import create_app
 from tests.support.web import add_user, login
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.core.config import ArchiveConfig, DispatchConfig, GateConfig, Settings
 from qgate.core.db.models import AuditEntry, Event, OutboxItem, Series
 from qgate.dispatch import run_once
-from qgate.web import create_app
+from qgate.web.app import create_app
 from tests.conftest import free_port
 from tests.support.dicomfiles import undecodable_ct_series
 from tests.support.web import add_user, login, score_pending, spool_series

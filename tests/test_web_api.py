@@ -37,8 +37,9 @@ from qgate.core.db.models import (
     utcnow,
 )
 from qgate.score.results import result_object
-from qgate.web import create_app, start_web
+from qgate.web.app import create_app
 from qgate.web.security import SECRET_FILE, load_secret_key, local_path
+from qgate.web.server import start_web
 from qgate.web.stage import WebStage
 from tests.conftest import free_port
 from tests.support.web import PASSWORD, add_user, csrf_from, login, scored_series, spool_series

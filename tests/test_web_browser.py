@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.core.config import load_settings
 from qgate.core.db import make_engine, make_session_factory, upgrade
 from qgate.core.db.models import AuditEntry, Verdict, utcnow
-from qgate.web import WebServer, start_web
+from qgate.web.server import WebServer, start_web
 from tests.support.browser import chromium, chromium_available, expect
 from tests.support.web import PASSWORD, add_user, score_pending, spool_series
 

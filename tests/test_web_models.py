@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.core.config import Settings
 from qgate.core.db.models import AuditEntry, ModelVersion
 from qgate.core.registry import activate, register_version
-from qgate.web import create_app
+from qgate.web.app import create_app
 from tests.support.web import add_user, csrf_from, login
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qgate.cli import main
 from qgate.core.config import Settings, StorageConfig, WebConfig
 from qgate.core.db.models import AuditEntry
-from qgate.web import create_app
+from qgate.web.app import create_app
 from tests.support.web import PASSWORD, add_user, csrf_from, login
 
 WEB = WebConfig(login_max_failures=3, login_max_failures_per_address=8, login_window_minutes=10)

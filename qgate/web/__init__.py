@@ -5,11 +5,9 @@ FastAPI with server-rendered Jinja templates and a little plain JavaScript. Layo
 full-stack-fastapi-template: :mod:`qgate.web.app` (factory), :mod:`qgate.web.deps` (typed
 dependencies), :mod:`qgate.web.routes` (one router per resource), :mod:`qgate.web.crud`
 (data access), :mod:`qgate.web.schemas` (API models), :mod:`qgate.web.security`.
+
+What an operator can do to a series (:mod:`qgate.web.actions`) and the review app's users
+(:mod:`qgate.web.users`) live here too; the command line uses both. This module imports
+nothing, so ``qgate users`` and ``qgate release`` do not load the app: build it with
+:func:`qgate.web.app.create_app`, serve it with :func:`qgate.web.server.start_web`.
 """
-
-from __future__ import annotations
-
-from qgate.web.app import create_app
-from qgate.web.server import WebServer, start_web
-
-__all__ = ["WebServer", "create_app", "start_web"]

@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from qgate import actions
 from qgate.core.config import Settings, Threshold
 from qgate.core.db.models import AuditEntry, Event, OutboxItem, Result, Series, User, Verdict
+from qgate.web import actions
 from qgate.web.schemas import VerdictCreate, VerdictPublic, WorklistQuery
 
 
@@ -246,7 +246,7 @@ def _release(
     remote_addr: str | None,
     verdict_id: int | None = None,
 ) -> int:
-    """Audit and release a held series; commits (:func:`qgate.actions.release`)."""
+    """Audit and release a held series; commits (:func:`qgate.web.actions.release`)."""
     try:
         return actions.release(
             session,
@@ -340,7 +340,7 @@ def release(
 def rescore(
     session: Session, *, user: User, series_uid: str, remote_addr: str | None = None
 ) -> int:
-    """Queue the series for scoring again, audited (:func:`qgate.actions.rescore`).
+    """Queue the series for scoring again, audited (:func:`qgate.web.actions.rescore`).
     Returns the job id."""
     get_series(session, series_uid=series_uid)
     try:
@@ -352,7 +352,7 @@ def rescore(
 def resubmit(
     session: Session, *, user: User, series_uid: str, remote_addr: str | None = None
 ) -> int:
-    """Send the series' dead letters again, audited (:func:`qgate.actions.resubmit`)."""
+    """Send the series' dead letters again, audited (:func:`qgate.web.actions.resubmit`)."""
     get_series(session, series_uid=series_uid)
     try:
         return actions.resubmit(session, series_uid=series_uid, actor=_actor(user, remote_addr))

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qgate.core.degrade import PartKind, SkipReason
-from qgate.users import Role
+from qgate.web.users import Role
 
 SCORE_KEY_PATTERN = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-.]+$"
 

@@ -21,7 +21,7 @@ from qgate.core.db.models import Instance, Series, utcnow
 from qgate.score.pipeline import build_scorers
 from qgate.score.worker import work_once
 from qgate.synth import make_ct_series
-from qgate.users import create_user
+from qgate.web.users import create_user
 
 PASSWORD = "correct horse battery"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -17,7 +17,11 @@ from sqlalchemy.orm import Session
 
 from qgate.core.db.models import ModelVersion, User
 from qgate.core.registry import RegistryError, activate, active_weights
-from qgate.users import (
+from qgate.web import crud
+from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr
+from qgate.web.schemas import AuditEntryPublic, AuditPage, Me, UserCreate, UserPublic
+from qgate.web.security import csrf_token
+from qgate.web.users import (
     UserError,
     create_user,
     get_user,
@@ -25,10 +29,6 @@ from qgate.users import (
     set_active,
     unlock_user,
 )
-from qgate.web import crud
-from qgate.web.deps import AdminUser, CurrentUser, SessionDep, SettingsDep, client_addr
-from qgate.web.schemas import AuditEntryPublic, AuditPage, Me, UserCreate, UserPublic
-from qgate.web.security import csrf_token
 
 router = APIRouter(prefix="/api", tags=["users"])
 

@@ -1,5 +1,5 @@
 """Admin pages: users (list, add, disable/enable, reset password, unlock) and the audit
-log. Every change is audited in its transaction (:mod:`qgate.users`)."""
+log. Every change is audited in its transaction (:mod:`qgate.web.users`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from qgate.users import (
+from qgate.web import crud
+from qgate.web.deps import AdminUser, SessionDep
+from qgate.web.templating import flash, render
+from qgate.web.users import (
     ROLES,
     UserError,
     create_user,
@@ -19,9 +22,6 @@ from qgate.users import (
     set_active,
     unlock_user,
 )
-from qgate.web import crud
-from qgate.web.deps import AdminUser, SessionDep
-from qgate.web.templating import flash, render
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 

@@ -1,6 +1,6 @@
 """Log in and out. A new session (and CSRF token) starts at every login.
 
-Failed logins are throttled (:func:`qgate.users.login_throttle`, ``web.login_*``): a
+Failed logins are throttled (:func:`qgate.web.users.login_throttle`, ``web.login_*``): a
 refused attempt answers 429 without checking the password and is audited as
 ``login_throttled``.
 """
@@ -13,7 +13,6 @@ from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from qgate.users import authenticate, login_throttle
 from qgate.web import crud
 from qgate.web.deps import (
     LoginRequired,
@@ -25,6 +24,7 @@ from qgate.web.deps import (
 )
 from qgate.web.security import local_path, new_session
 from qgate.web.templating import render
+from qgate.web.users import authenticate, login_throttle
 
 router = APIRouter(include_in_schema=False)
 
