@@ -2,7 +2,8 @@
 
 SIGTERM to ``qgate receive`` (what ``qgate serve`` sends its receive stage on stop):
 no new association is accepted, the open ones may go on for ``dicom.stop_grace_seconds``,
-the rest are then aborted; every instance acknowledged is in the spool and recorded.
+the rest are then aborted; every instance acknowledged is in the spool and recorded, and
+every series' ``open_associations`` is back to 0.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from qgate.core.db.models import Instance, Series
+from qgate.core.config import Settings
+from qgate.core.db.models import Event, Instance, Series
+from qgate.receive import handlers, scp
+from qgate.receive.drain import stop_server
 from qgate.synth import make_ct_series
 from tests.conftest import free_port
 from tests.support.qgate_proc import QgateProcess
@@ -125,3 +130,59 @@ def test_an_association_still_open_after_the_grace_period_is_aborted_losing_noth
     assert set(acked) <= recorded
     assert spooled == recorded  # no instance written without its row
     assert open_assocs == [0]  # the abort was recorded
+
+
+def test_the_stop_abort_during_the_first_instance_of_a_new_series_leaves_no_open_count(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop's abort lands while the association stores the first instance of a new
+    series (held after it counted as new, before its commit): the abort's end handler
+    closes the series already sent, the store then commits its increment and, finding
+    the association ended, undoes it. No series stays counted as open."""
+    storing, ended = threading.Event(), threading.Event()
+    record, release = handlers.record_instance, scp.handle_release
+
+    def held_record(*args: Any, **kw: Any) -> handlers.StoreOutcome:
+        if kw["header"].series_instance_uid == second.SeriesInstanceUID:
+            storing.set()
+            assert ended.wait(10)  # the abort has ended the association
+        return record(*args, **kw)
+
+    def noted_release(*args: Any, **kw: Any) -> None:
+        release(*args, **kw)
+        ended.set()
+
+    monkeypatch.setattr(handlers, "record_instance", held_record)
+    monkeypatch.setattr(scp, "handle_release", noted_release)
+    [first] = make_ct_series(1, 32, 32, seed=1)
+    [second] = make_ct_series(1, 32, 32, seed=2)
+    assert first.SeriesInstanceUID != second.SeriesInstanceUID
+    server = scp.start_scp(settings, sessions)
+    stopped = False
+    try:
+        ae = AE("MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", settings.dicom.port, ae_title="QGATE")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(first).Status) == 0
+        sender = threading.Thread(target=assoc.send_c_store, args=(second,))
+        sender.start()
+        assert storing.wait(10)
+        stop_server(server, grace_seconds=0)  # aborts, then waits for the store in hand
+        stopped = True
+        sender.join(10)
+    finally:
+        if not stopped:
+            server.shutdown()
+    assert assoc.is_aborted and not sender.is_alive()
+    with sessions() as s:
+        counts = dict(s.execute(select(Series.series_instance_uid, Series.open_associations)).all())
+        trail = s.execute(select(Event.series_instance_uid, Event.event).order_by(Event.id)).all()
+    assert counts == {first.SeriesInstanceUID: 0, second.SeriesInstanceUID: 0}
+    ended_by = [(uid, ev) for uid, ev in trail if ev in ("aborted", "closed", "released")]
+    assert len(ended_by) == 2
+    ends = dict(ended_by)
+    # The abort (or the socket thread's close, when it comes first) ends the first
+    # series; the store that committed after the end closes the second itself.
+    assert ends[first.SeriesInstanceUID] in ("aborted", "closed")
+    assert ends[second.SeriesInstanceUID] == "closed"
