@@ -131,7 +131,8 @@ def test_sr_is_valid_and_carries_every_output(report: QualityReport, tmp_path: P
     assert '"Algorithm Version")="0.3.1"' in dump
     assert '(FLAG,99QGATE,"Flagged for review by quality gate")' in dump
     assert dump.count('"Quality gate reason"') == 2
-    assert dump.count("IMAGE:") == 2 * N_SLICES  # source images of both groups
+    # Both scorers measured every slice: no per-group image list (the document's images).
+    assert "IMAGE:" not in dump
 
     # Reads back with highdicom: one measurement group per scorer.
     doc = hd.sr.EnhancedSR.from_dataset(pydicom.dcmread(path))
@@ -143,6 +144,45 @@ def test_sr_is_valid_and_carries_every_output(report: QualityReport, tmp_path: P
     noise = groups[0].get_measurements()[0]
     assert noise.value == pytest.approx(14.2)
     assert noise.unit.value == "[hnsf'U]"
+
+
+def test_sr_source_images_name_the_scored_slices(report: QualityReport, tmp_path: Path) -> None:
+    """A subsampled scorer's group names its scored slices; "all" names every instance."""
+    scores = _scores(N_SLICES)
+    nan = float("nan")
+    scores["model"] = ScoreOutput(
+        series={"score": 2.5, "slices_scored": 2},
+        slices={"slice_scores": [3.0, nan, nan, 2.0], "other": [nan, nan, nan, 2.1]},
+    )
+    report = dataclasses.replace(report, scores=scores, versions={**report.versions, "model": "1"})
+    uids = report.volume.sop_instance_uids
+
+    sr = build_quality_sr(report, series_instance_uid=generate_uid(), series_number=901)
+    path = tmp_path / "scored.dcm"
+    _dciodvfy(sr, path)
+    assert _dsrdump(path).count("IMAGE:") == 2
+    doc = hd.sr.EnhancedSR.from_dataset(pydicom.dcmread(path))
+    groups = hd.sr.MeasurementReport.from_sequence(doc.content).get_image_measurement_groups()
+    sources = {
+        g.tracking_identifier: [
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for i in g[0].ContentSequence
+            if i.ValueType == "IMAGE"
+        ]
+        for g in groups
+    }
+    assert sources == {
+        "noise series quality": [],
+        "snr series quality": [],
+        "model series quality": [uids[0], uids[3]],
+    }
+
+    every = build_quality_sr(
+        report, series_instance_uid=generate_uid(), series_number=901, source_images="all"
+    )
+    path = tmp_path / "all.dcm"
+    _dciodvfy(every, path)
+    assert _dsrdump(path).count("IMAGE:") == 3 * N_SLICES
 
 
 def test_sr_supersedes_previous_report(report: QualityReport, tmp_path: Path) -> None:
@@ -294,6 +334,13 @@ def test_builder_argument_validation(report: QualityReport) -> None:
     with pytest.raises(ValueError, match="transfer syntax"):
         build_quality_map_sc(
             report, series_instance_uid=uid, series_number=1, transfer_syntax_uid="1.2.3"
+        )
+    with pytest.raises(ValueError, match="source_images"):
+        build_quality_sr(
+            report,
+            series_instance_uid=uid,
+            series_number=1,
+            source_images="some",  # type: ignore[arg-type]
         )
     with pytest.raises(ValueError, match="UCUM"):
         bad = _scores(N_SLICES)

@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from qgate.core.config import load_settings
 from qgate.report import QualityReport, build_quality_map_pm
+from qgate.report.sc import select_slices
 from qgate.report.write import write_report
 from qgate.score.pipeline import build_scorers, score_series
 from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap
@@ -199,10 +200,34 @@ def test_report_files_with_all_five_scorers_validate(tmp_path: Path) -> None:
         and item.ConceptNameCodeSequence[0].CodeValue == "111001"  # Algorithm Name
     }
     assert {"noise", "snr", "mdiqa", "n2q", "chestiqa"} <= algorithms
+    # The subsampled models' groups name their 3 scored slices; Chest CT-IQA's none.
+    scored_uids = [scored.loaded.volume.sop_instance_uids[k] for k in select_slices(6, 3)]
+    sources = _group_sources(sr)
+    assert sources["mdiqa"] == sources["n2q"] == scored_uids
+    assert sources["chestiqa"] == []
     sc = pydicom.dcmread(files[1])
     assert "n2q.quality" in sc.SeriesDescription
     pm = pydicom.dcmread(files[-1])
     assert pm.NumberOfFrames == 3 and pm.StudyInstanceUID == sr.StudyInstanceUID
+
+
+def _group_sources(sr: pydicom.Dataset) -> dict[str, list[str]]:
+    """Algorithm name -> the source images its measurement group lists (TID 1501)."""
+    measurements = next(
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    out = {}
+    for group in measurements.ContentSequence:
+        items = group.ContentSequence
+        name = next(
+            i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "111001"
+        )
+        out[name] = [
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for i in items
+            if i.ValueType == "IMAGE"
+        ]
+    return out
 
 
 def _walk(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:

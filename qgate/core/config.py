@@ -361,6 +361,20 @@ for _f in FAMILIES:
         raise RuntimeError(f"ScoringConfig.{_f.name} must be a {_kind.__name__}")
 
 
+class ReportConfig(BaseModel):
+    """The report objects written for each scored series (:mod:`qgate.report.write`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Images each scorer's measurement group in the SR names as its source (TID 1501):
+    # "scored" lists the slices its series values come from when that is not every slice
+    # (a subsampled model's scored slices, the slices a classical measure could measure)
+    # and none when it is every slice (the measurements then derive from all the images
+    # the document references); "all" lists every instance in every group (one IMAGE item
+    # per slice per scorer: ~1500 for a 300-slice series, slower to build and to read).
+    sr_source_images: Literal["scored", "all"] = "scored"
+
+
 class WebConfig(BaseModel):
     """The review web app, served by ``qgate serve`` beside the DICOM stages (``qgate.web``)."""
 
@@ -500,6 +514,7 @@ class Settings(BaseSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)

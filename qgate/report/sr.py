@@ -4,11 +4,11 @@ Document layout (Enhanced SR, see :func:`build_quality_sr` for why)::
 
     CONTAINER (126000, DCM, "Imaging Measurement Report")          TID 1500
       Language, Observation Context (device observer "qgate"), Procedure reported
-      CONTAINER Image Library                                      TID 1600, every instance
       CONTAINER (126010, DCM, "Imaging Measurements")
         CONTAINER Measurement Group (one per scorer)               TID 1501
           Tracking Identifier / UID, Finding "Imaging Series Quality"
           Algorithm Name / Version                                 TID 4019
+          IMAGE Source (one per slice the values come from; only when not every slice)
           NUM  <output>  value  UCUM unit   (+ TID 4019 again)     TID 300
           CODE <output> = <label>           (string outputs)
       CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
@@ -19,23 +19,37 @@ Document layout (Enhanced SR, see :func:`build_quality_sr` for why)::
         TEXT Supersedes earlier quality report   (re-score only)
 
 The scored series and all its instances are referenced from the Current Requested
-Procedure Evidence Sequence and the Image Library; the measurement groups carry no
-per-group image list because every series measurement derives from all of them (TID 1501
-then defaults to the images of the document).
+Procedure Evidence Sequence. A measurement group lists source images only where that says
+something: a scorer that read a subset of the slices (MD-IQA and Noise2Quality score
+``scoring.*.max_slices`` of them; a classical measure may find nothing to measure on some)
+names the slices its series values come from, the slices where any of its per-slice
+outputs is finite. A scorer whose values come from every slice, or that gives no per-slice
+outputs (Chest CT-IQA), lists none: its measurements derive from the images of the
+document. ``source_images="all"`` (setting ``report.sr_source_images``) lists every
+instance in every group instead, one IMAGE item per slice and scorer.
+
+Per-slice values are not in the SR: the results JSON holds them, and the quality-map SC
+images show them beside each rendered slice.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
 from pydicom.uid import generate_uid
 
 from qgate.report import codes
 from qgate.report.content import GateDecision, QualityReport, check_positive_int, check_uid
+
+#: Which images a measurement group names as its source (see the module docstring).
+SourceImages = Literal["scored", "all"]
+_SOURCE_IMAGES = ("scored", "all")
 
 _NON_FINITE = {
     "nan": std_codes.DCM.NotANumber,
@@ -77,8 +91,51 @@ def _as_number(value: object) -> float | int:
     return float(value)  # type: ignore[arg-type]
 
 
+def _scored_slices(report: QualityReport, scorer: str) -> list[int]:
+    """Slices a scorer's values come from, when not every slice; empty: every slice."""
+    n = report.volume.n_slices
+    finite = np.zeros(n, dtype=bool)
+    for values in report.scores[scorer].slices.values():
+        finite |= np.isfinite(np.asarray(values, dtype=np.float64))
+    if finite.all() or not finite.any():
+        return []
+    return np.flatnonzero(finite).tolist()
+
+
+def _source_images(
+    report: QualityReport, scorer: str, mode: SourceImages
+) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """The group's TID 1501 source images: none stands for the document's images."""
+    if mode == "all":
+        return [
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+            )
+            for ds in report.source_datasets
+        ]
+    vol = report.volume
+    frames: dict[str, tuple[Dataset, list[int]]] = {}  # instance -> its frames, slice order
+    for k in _scored_slices(report, scorer):
+        uid = vol.sop_instance_uids[k]
+        if uid not in frames:
+            frames[uid] = (report.dataset_for_slice(k), [])
+        frames[uid][1].append(vol.frame_numbers[k])
+    images = []
+    for uid, (ds, numbers) in frames.items():
+        multiframe = int(ds.get("NumberOfFrames", 1) or 1) > 1
+        images.append(
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=sorted(set(numbers)) if multiframe else None,
+            )
+        )
+    return images
+
+
 def _measurement_group(
-    report: QualityReport, scorer: str
+    report: QualityReport, scorer: str, source_images: SourceImages
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     out = report.scores[scorer]
     algorithm = hd.sr.AlgorithmIdentification(name=scorer, version=report.versions[scorer])
@@ -110,13 +167,7 @@ def _measurement_group(
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-            )
-            for ds in report.source_datasets
-        ],
+        source_images=_source_images(report, scorer, source_images) or None,
     )
 
 
@@ -169,6 +220,7 @@ def build_quality_sr(
     manufacturer: str = "qgate",
     software_version: str = "0",
     institution_name: str | None = None,
+    source_images: SourceImages = "scored",
 ) -> hd.sr.EnhancedSR:
     """Build the quality SR (TID 1500 Measurement Report) of one scored series.
 
@@ -195,6 +247,9 @@ def build_quality_sr(
         qgate's version, written to Software Versions.
     institution_name: Union[str, None], optional
         Institution Name of the creating device.
+    source_images: str, optional
+        ``"scored"`` (default): a measurement group lists the slices its values come from
+        only when that is not every slice; ``"all"``: every group lists every instance.
 
     Returns
     -------
@@ -209,7 +264,8 @@ def build_quality_sr(
     TypeError
         When ``report`` is not a QualityReport or a required argument is missing.
     ValueError
-        When a UID or number is invalid, or an output's unit is not UCUM.
+        When a UID or number is invalid, an output's unit is not UCUM, or
+        ``source_images`` is unknown.
     """
     if not isinstance(report, QualityReport):
         raise TypeError('Argument "report" must be a QualityReport.')
@@ -219,8 +275,10 @@ def build_quality_sr(
     check_uid("sop_instance_uid", sop_instance_uid)
     check_positive_int("series_number", series_number)
     check_positive_int("instance_number", instance_number)
+    if source_images not in _SOURCE_IMAGES:
+        raise ValueError(f'Argument "source_images" must be one of {_SOURCE_IMAGES}.')
 
-    groups = [_measurement_group(report, name) for name in report.scores]
+    groups = [_measurement_group(report, name, source_images) for name in report.scores]
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_person_context=None,

@@ -33,6 +33,7 @@ from qgate.report import (
     build_quality_sr,
 )
 from qgate.report.sc import select_slices
+from qgate.report.sr import SourceImages
 from qgate.score.pipeline import ScoredSeries
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,14 @@ def write_report(
     previous_sr: Dataset | None,
     generation: int,
     fsync: bool,
+    sr_source_images: SourceImages = "scored",
 ) -> WrittenReport:
     """Build and write the SR, SC and PM objects.
 
     The SC series and the Parametric Map are optional: one that cannot be built for this
     series is skipped and recorded. The SR is built last, so that it lists every scorer
     and object that was skipped; a failure to build the SR itself raises.
+    ``sr_source_images`` is ``report.sr_source_images`` (see :func:`build_quality_sr`).
     """
     skipped = list(scored.skipped_parts)
     report = QualityReport(
@@ -155,6 +158,7 @@ def write_report(
         series_number=SR_SERIES_NUMBER,
         manufacturer="qgate",
         software_version=__version__,
+        source_images=sr_source_images,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "sr.dcm"]

@@ -286,6 +286,7 @@ def run_prepared(
             previous_sr=prev_sr,
             generation=int(reports or 0),
             fsync=settings.storage.fsync,
+            sr_source_images=settings.report.sr_source_images,
         )
         with sessions() as session:
             ok = _commit_result(session, settings, job, owner, scored, written)
