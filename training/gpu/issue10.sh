@@ -24,12 +24,12 @@ t0=$(date +%s)
 # 1. data (GPU: projector and FBP on CUDA); two builders share the card
 $PY -m training.cli build-randomized "$OUT/dr" --blocks "$(blocks 600)" --worker 0/2 --realct "$REALCT" > "$OUT/build0.log" 2>&1 &
 $PY -m training.cli build-randomized "$OUT/dr" --blocks "$(blocks 600)" --worker 1/2 --realct "$REALCT" > "$OUT/build1.log" 2>&1 &
-$PY -m training.cli build-chest "$OUT/chest" --blocks "$(blocks 120)" --realct "$REALCT" > "$OUT/chest_build.log" 2>&1
+$PY -m training.cli build-chest "$OUT/chest" --blocks "$(blocks 120)" --doses-per-class 3 --seed 2 --realct "$REALCT" > "$OUT/chest_build.log" 2>&1
 wait
 echo "data: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 # 2. training, the two slice models side by side on the card, then the chest model
 $PY -m training.cli fit-randomized mdiqa "$OUT" --data "$OUT/dr" --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_mdiqa.log" 2>&1 &
-$PY -m training.cli fit-randomized n2q "$OUT" --data "$OUT/dr" --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_n2q.log" 2>&1 &
+$PY -m training.cli fit-randomized n2q "$OUT" --data "$OUT/dr" --crops 96,128,160 --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_n2q.log" 2>&1 &
 wait
 $PY -m training.cli fit-chest "$OUT" --data "$OUT/chest" --steps "$(blocks 2000)" --budget "$(blocks 60)" > "$OUT/fit_chest.log" 2>&1
 echo "total: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
