@@ -134,6 +134,27 @@ def test_prepare_chest_input_physical_field() -> None:
         prepare_chest_input(disc(64, 1.0), cfg)
 
 
+def test_chest_noise_channel_mad_ignores_edges() -> None:
+    """``noise_stat="mad"`` reads far less of sparse edges than the RMS does (the high-pass
+    spreads an edge over a few rows, so it still reads some)."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(40, 10, (2, 192, 192)).astype(np.float32)
+    hu[:, ::30, :] += 600.0
+    mad = prepare_chest_input(hu, ChestInputConfig(depth=2, size=32, noise_stat="mad"))
+    rms = prepare_chest_input(hu, ChestInputConfig(depth=2, size=32))
+    clean = prepare_chest_input(
+        rng.normal(40, 10, (2, 192, 192)).astype(np.float32),
+        ChestInputConfig(depth=2, size=32, noise_stat="mad"),
+    )
+    # the noise channel is log1p(sigma / 10 HU)
+    sigma_clean = float(np.expm1(clean[0, 1]).mean() * 10)
+    sigma_mad = float(np.expm1(mad[0, 1]).mean() * 10)
+    sigma_rms = float(np.expm1(rms[0, 1]).mean() * 10)
+    assert 4.0 < sigma_clean < sigma_mad < 0.4 * sigma_rms, (sigma_clean, sigma_mad, sigma_rms)
+    with pytest.raises(ValueError, match="noise_stat"):
+        ChestInputConfig(noise_stat="max")  # type: ignore[arg-type]
+
+
 def test_device_helpers_on_cpu() -> None:
     x = torch.zeros(1, 2, 8, 8)
     assert device_layout(x) is x

@@ -56,7 +56,9 @@ LUNG_KERNELS = ("shepp-logan", "sharp")
 CHEST_GEOMETRIES = ("as-576v", "parallel")
 # the patient on a 480 mm field (3.75 mm per input pixel) and the pixel spacing as a
 # channel: the noise one dose gives depends on both (round 6)
-CHEST_INPUT = ChestInputConfig(depth=6, extra_sigmas=(2.5,), fov_mm=480.0, pixel_channel=True)
+CHEST_INPUT = ChestInputConfig(
+    depth=6, extra_sigmas=(2.5,), fov_mm=480.0, pixel_channel=True, noise_stat="mad"
+)
 
 
 @dataclass(frozen=True)
