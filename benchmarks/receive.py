@@ -137,8 +137,12 @@ def _variants(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
     for n in more:
         out[f"qgate x{n}"] = (n, every)
     for name in off:
-        keep = [] if name == "none" else [i for i in every if i != name]
-        out[f"qgate -{name}"] = (first, keep)
+        # "a+b" turns several off in one variant
+        drop = set(every) if name == "none" else set(name.split("+"))
+        unknown = drop - set(every)
+        if unknown:
+            raise SystemExit(f"unknown internal(s) {sorted(unknown)}; known: {every}")
+        out[f"qgate -{name}"] = (first, [i for i in every if i not in drop])
     return out
 
 
@@ -162,8 +166,7 @@ def main() -> None:
         "--without",
         action="append",
         default=[],
-        choices=[*RECEIVE_INTERNALS, "none"],
-        help="add a qgate variant without this pynetdicom internal (repeatable)",
+        help="add a qgate variant without this pynetdicom internal (repeatable; a+b: both off)",
     )
     ap.add_argument("--ablation", action="store_true", help="a variant without each internal")
     args = ap.parse_args()
