@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import socket
-from typing import Literal
+from typing import Literal, get_args
 
 import highdicom as hd
 import numpy as np
@@ -49,7 +49,7 @@ from qgate.report.content import GateDecision, QualityReport, check_positive_int
 
 #: Which images a measurement group names as its source (see the module docstring).
 SourceImages = Literal["scored", "all"]
-_SOURCE_IMAGES = ("scored", "all")
+_SOURCE_IMAGES = get_args(SourceImages)
 
 _NON_FINITE = {
     "nan": std_codes.DCM.NotANumber,
