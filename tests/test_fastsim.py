@@ -61,3 +61,21 @@ def test_dose_classes_are_fractions_of_routine() -> None:
     eff = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.05, 4.0]) * ROUTINE_EFF
     got = [DOSE_LEVELS[i] for i in dose_class(eff).tolist()]
     assert got == [100, 50, 25, 10, 5, 100]
+
+
+def test_coarse_blocks_average_and_pad_with_air() -> None:
+    from training.datasets.randomized import _downsample, _pad_to
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(2, 256, 256, generator=g) * 40.0
+    small = _downsample(img, 4)
+    assert small.shape == (2, 64, 64)
+    # a 4 x 4 area mean of white noise has a quarter of its std
+    assert float(small.std()) == pytest.approx(10.0, rel=0.1)
+    assert torch.allclose(small[0, 0, 0], img[0, :4, :4].mean())
+    assert _downsample(img, 1) is img
+    padded = _pad_to(small, 160, -1024.0)
+    assert padded.shape == (2, 160, 160)
+    assert float(padded[0, 0, 0]) == -1024.0 and float(padded[0, -1, -1]) == -1024.0
+    assert torch.equal(padded[:, 48:112, 48:112], small)
+    assert _pad_to(img, 160, 0.0) is img

@@ -34,14 +34,21 @@ def _threads(n: int) -> None:
 @click.option("--worker", default="0/1", show_default=True, help="w/n: blocks i % n == w.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--realct", default=".cache/realct", show_default=True)
+@click.option(
+    "--coarse",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a block is also area-downsampled 2x or 4x (coarse anatomy).",
+)
 def build_randomized_cmd(
-    out: str, blocks: int, seed: int, worker: str, threads: int, realct: str
+    out: str, blocks: int, seed: int, worker: str, threads: int, realct: str, coarse: float
 ) -> None:
     """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
     from training.datasets.randomized import RandomizedConfig, build_randomized
 
     _threads(threads)
-    cfg = RandomizedConfig(n_blocks=blocks, seed=seed, realct_dir=realct)
+    cfg = RandomizedConfig(n_blocks=blocks, seed=seed, realct_dir=realct, p_coarse=coarse)
     made = build_randomized(out, cfg, worker=_worker(worker), echo=click.echo)
     click.echo(f"made {made} blocks")
 

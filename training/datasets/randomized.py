@@ -96,6 +96,11 @@ class RandomizedConfig:
     p_sparse: float = 0.6
     p_256: float = 0.35
     p_phantom: float = 0.12
+    # A block is, with this probability, also area-downsampled 2x or 4x after reconstruction
+    # (images and reference alike): anatomy at 1.6-4 mm per pixel, as in downsized exports
+    # (pydicom's CT_small is a 512 slice shrunk to 128) and 256/128 matrices on a full
+    # field. Off by default, so earlier recipes rebuild the same blocks.
+    p_coarse: float = 0.0
     val_fraction: float = 0.12  # top of each volume: val slices, never trained on
     sources: tuple[str, ...] = ()  # empty: every train source in the manifest
     realct_dir: str = ".cache/realct"
@@ -111,6 +116,7 @@ class Acquisition:
     electronic: float
     doses: list[float]
     sparse: int | None
+    coarse: int = 1  # area-downsampling factor after reconstruction (1: none)
 
     def params(self) -> ScanParams:
         base = GEOMETRIES[self.geometry]
@@ -281,6 +287,24 @@ def crop_positions(
     return out
 
 
+def _downsample(img: torch.Tensor, f: int) -> torch.Tensor:
+    """(B, N, N) HU -> (B, N/f, N/f), each pixel the mean of an f x f block (a detector-like
+    area average, so noise falls as it does in a coarser reconstruction or a resized export)."""
+    if f == 1:
+        return img
+    return torch.nn.functional.avg_pool2d(img[:, None].float(), f)[:, 0]
+
+
+def _pad_to(img: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """(B, H, W) -> at least (B, size, size), the image centred, the border ``value``."""
+    h, w = img.shape[-2:]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not (ph or pw):
+        return img
+    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return torch.nn.functional.pad(img.float(), pad, value=value)
+
+
 def _cache_bytes() -> int | None:
     """1 GiB of sampling grids per operator on the CPU (several builders share its
     memory); the simulator's default (8 GiB) on CUDA."""
@@ -333,12 +357,20 @@ def build_block(
         generator=gen,
     )
     bases = {k: b.to("cpu") for k, b in bases.items()}  # labels and crops on the CPU
-    ref = bases[1].clean
+    # a separate stream, so blocks without it are the same as before the option existed
+    crng = np.random.default_rng([cfg.seed, index, 0xC0A5])
+    if crng.random() < cfg.p_coarse:
+        # never below 128 px, the smallest matrix we serve
+        acq.coarse = 2 if acq.recon_n <= 256 else int(crng.choice((2, 4)))
+    f = acq.coarse
+    ref = _downsample(bases[1].clean, f)
     body = ref > -500
-    images: list[tuple[torch.Tensor, float, int]] = [(bases[1].at(d), d, 1) for d in acq.doses]
+    images: list[tuple[torch.Tensor, float, int]] = [
+        (_downsample(bases[1].at(d), f), d, 1) for d in acq.doses
+    ]
     if acq.sparse:
         d = float(rng.choice(acq.doses))
-        images.append((bases[acq.sparse].at(d), d, acq.sparse))
+        images.append((_downsample(bases[acq.sparse].at(d), f), d, acq.sparse))
     cols: dict[str, list[Any]] = {
         k: []
         for k in (
@@ -355,11 +387,14 @@ def build_block(
     }
     for low, d, k in images:
         lab = image_labels(low, ref, body)
+        # an image smaller than a crop is padded with air, whose SSIM in the window is 1
+        low_p, ssim_p = _pad_to(low, cfg.crop, -1024.0), _pad_to(lab["ssim"], cfg.crop, 1.0)
+        body_p = _pad_to(body.float(), cfg.crop, 0.0) > 0.5
         for i in range(len(low)):
-            for top, left in crop_positions(rng, body[i].numpy(), cfg.crops_per_image, cfg.crop):
+            for top, left in crop_positions(rng, body_p[i].numpy(), cfg.crops_per_image, cfg.crop):
                 sl = (slice(top, top + cfg.crop), slice(left, left + cfg.crop))
-                cols["hu"].append(low[i][sl].round().clamp(-1024, 3071).short().numpy())
-                cols["ssim"].append(lab["ssim"][i][sl].half().numpy())
+                cols["hu"].append(low_p[i][sl].round().clamp(-1024, 3071).short().numpy())
+                cols["ssim"].append(ssim_p[i][sl].half().numpy())
                 cols["dose"].append(d)
                 cols["eff_dose"].append(d * acq.output)
                 cols["views_step"].append(k)
