@@ -100,6 +100,20 @@ def build_chest_cmd(
     default="",
     help="Context sizes in px, comma-separated (one drawn per step); default: 128 only.",
 )
+@click.option(
+    "--select",
+    type=click.Choice(["auto", "rmse"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint kept: auto = val Spearman (MD-IQA) / map RMSE (N2Q); rmse = lowest RMSE.",
+)
+@click.option(
+    "--balance",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Draw crops with weight count(label bin) ** -BALANCE (0: uniform).",
+)
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -111,6 +125,8 @@ def fit_randomized_cmd(
     lr: float,
     dose_only: bool,
     crops: str,
+    select: str,
+    balance: float,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
@@ -124,6 +140,8 @@ def fit_randomized_cmd(
         lr=lr,
         dose_only=dose_only,
         crops=tuple(int(c) for c in crops.split(",") if c.strip()),
+        select=select,
+        balance=balance,
     )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 
