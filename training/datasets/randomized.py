@@ -98,8 +98,8 @@ class RandomizedConfig:
     p_phantom: float = 0.12
     # A block is, with this probability, also area-downsampled 2x or 4x after reconstruction
     # (images and reference alike): anatomy at 1.6-4 mm per pixel, as in downsized exports
-    # (pydicom's CT_small is a 512 slice shrunk to 128) and 256/128 matrices on a full
-    # field. Off by default, so earlier recipes rebuild the same blocks.
+    # and 256/128 matrices on a full field. Off by default, so earlier recipes rebuild the
+    # same blocks.
     p_coarse: float = 0.0
     val_fraction: float = 0.12  # top of each volume: val slices, never trained on
     sources: tuple[str, ...] = ()  # empty: every train source in the manifest
