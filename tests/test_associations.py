@@ -6,6 +6,7 @@ The database is not what these tests exercise, so they run on SQLite only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,7 +113,15 @@ def test_associations_beyond_the_limit_are_rejected(tmp_path: Path) -> None:
         # Transient, service provider (presentation), local limit exceeded.
         assert _rejection(_associate(port)) == (0x02, 0x03, 0x02)
         first.release()
+        # The server's association thread ends just after it answers the release, so a
+        # request sent at once may still find the slot taken (a modality retries as well);
+        # the slot must be free again within a few seconds.
+        deadline = time.monotonic() + 5.0
         again = _associate(port)
+        while not again.is_established and time.monotonic() < deadline:
+            assert _rejection(again) == (0x02, 0x03, 0x02)
+            time.sleep(0.05)
+            again = _associate(port)
         assert again.is_established
         again.release()
 
