@@ -385,11 +385,11 @@ def build_block(
             "slot",
         )
     }
+    # an image smaller than a crop is padded with air, whose SSIM in the window is 1
+    body_p = _pad_to(body.float(), cfg.crop, 0.0) > 0.5
     for low, d, k in images:
         lab = image_labels(low, ref, body)
-        # an image smaller than a crop is padded with air, whose SSIM in the window is 1
         low_p, ssim_p = _pad_to(low, cfg.crop, -1024.0), _pad_to(lab["ssim"], cfg.crop, 1.0)
-        body_p = _pad_to(body.float(), cfg.crop, 0.0) > 0.5
         for i in range(len(low)):
             for top, left in crop_positions(rng, body_p[i].numpy(), cfg.crops_per_image, cfg.crop):
                 sl = (slice(top, top + cfg.crop), slice(left, left + cfg.crop))

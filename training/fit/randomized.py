@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class DRFitConfig:
     # which validation row is kept: "auto" = Spearman for MD-IQA, map RMSE for N2Q (dose
     # accuracy with dose_only); "rmse" keeps MD-IQA's best score RMSE instead (the val
     # crops' Spearman saturates and moves by noise once the order is mostly right)
-    select: str = "auto"
+    select: Literal["auto", "rmse"] = "auto"
     # sample crops with weight count(label bin) ** -balance (20 bins of the crop's mean
     # SSIM): 0 = uniform; 0.5 draws rare low-quality crops (heavy streaks, 2 % dose with a
     # sharp kernel) several times more often, so the score does not flatten at that end
