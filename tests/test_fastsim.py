@@ -79,3 +79,57 @@ def test_coarse_blocks_average_and_pad_with_air() -> None:
     assert float(padded[0, 0, 0]) == -1024.0 and float(padded[0, -1, -1]) == -1024.0
     assert torch.equal(padded[:, 48:112, 48:112], small)
     assert _pad_to(img, 160, 0.0) is img
+
+
+def test_rank_pairs_join_one_place_at_two_qualities() -> None:
+    from training.fit.randomized import rank_pairs
+
+    # block 0: group 0 at three qualities, group 1 once; block 1: unpaired (-1)
+    mean = torch.tensor([0.9, 0.5, 0.2, 0.7, 0.8, 0.3])
+    data = {
+        "ssim": mean[:, None, None].expand(-1, 4, 4).clone(),
+        "block": torch.tensor([0, 0, 0, 0, 1, 1]),
+        "group": torch.tensor([0, 0, 0, 1, -1, -1]),
+    }
+    got = {tuple(p) for p in rank_pairs(data).tolist()}
+    assert got == {(0, 1), (0, 2), (1, 2)}
+    # pairs closer than the gap are left out; no paired block: no pairs
+    assert len(rank_pairs({**data, "ssim": data["ssim"] * 0 + 0.5})) == 0
+    assert len(rank_pairs({**data, "group": torch.full((6,), -1)})) == 0
+
+
+def test_rank_loss_and_tied_windows() -> None:
+    from training.fit.randomized import _windows, rank_loss
+
+    # right order by at least half the label gap: no loss; wrong order: the full shortfall
+    assert float(rank_loss(torch.tensor([3.0, 1.0]), torch.tensor([3.0, 1.0]))) == 0.0
+    assert float(rank_loss(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0]))) == 1.5
+    g = torch.Generator().manual_seed(0)
+    hu = torch.arange(6 * 32 * 32, dtype=torch.float32).reshape(6, 32, 32) % 977
+    pairs = torch.stack([hu[0], hu[0], hu[1], hu[1], hu[2], hu[3]])
+    x, _ = _windows(pairs, torch.ones_like(pairs), 16, g, tied=2)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[2], x[3])  # one window per pair
+
+
+@pytest.mark.slow
+def test_paired_block_keeps_one_place_across_images() -> None:
+    import numpy as np
+
+    from training.datasets.randomized import RandomizedConfig, build_block
+
+    torch.set_num_threads(2)
+    # block 1 of seed 2 draws a sparse step; phantom anatomy (no real sources needed)
+    cfg = RandomizedConfig(block=1, seed=2, paired=True, sparse_per_block=2, p_sparse=1.0)
+    out = build_block(1, cfg, [], {})
+    groups = out["group"]
+    assert set(groups.tolist()) == set(range(cfg.crops_per_image))
+    steps = sorted(set(out["views_step"].tolist()))
+    assert len(steps) == 3 and steps[0] == 1  # full views and two distinct sparse steps
+    for gid in range(cfg.crops_per_image):
+        crops = out["hu"][groups == gid].astype(np.float32)
+        ssim = out["ssim"][groups == gid].astype(np.float32).mean(axis=(1, 2))
+        # one place: every image's crop is the same anatomy (high correlation), at
+        # different qualities (different SSIM)
+        for c in crops[1:]:
+            assert np.corrcoef(crops[0].ravel(), c.ravel())[0, 1] > 0.5
+        assert ssim.max() - ssim.min() > 0.01

@@ -41,14 +41,39 @@ def _threads(n: int) -> None:
     show_default=True,
     help="Probability that a block is also area-downsampled 2x or 4x (coarse anatomy).",
 )
+@click.option(
+    "--paired", is_flag=True, help="Crops at the same place in every image of a block (ranking)."
+)
+@click.option(
+    "--sparse-per-block",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Distinct sparse-view steps in a block that has one.",
+)
 def build_randomized_cmd(
-    out: str, blocks: int, seed: int, worker: str, threads: int, realct: str, coarse: float
+    out: str,
+    blocks: int,
+    seed: int,
+    worker: str,
+    threads: int,
+    realct: str,
+    coarse: float,
+    paired: bool,
+    sparse_per_block: int,
 ) -> None:
     """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
     from training.datasets.randomized import RandomizedConfig, build_randomized
 
     _threads(threads)
-    cfg = RandomizedConfig(n_blocks=blocks, seed=seed, realct_dir=realct, p_coarse=coarse)
+    cfg = RandomizedConfig(
+        n_blocks=blocks,
+        seed=seed,
+        realct_dir=realct,
+        p_coarse=coarse,
+        paired=paired,
+        sparse_per_block=sparse_per_block,
+    )
     made = build_randomized(out, cfg, worker=_worker(worker), echo=click.echo)
     click.echo(f"made {made} blocks")
 
@@ -114,6 +139,13 @@ def build_chest_cmd(
     show_default=True,
     help="Draw crops with weight count(label bin) ** -BALANCE (0: uniform).",
 )
+@click.option(
+    "--rank",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of a ranking loss on pairs of one crop at two qualities (--paired data).",
+)
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -127,6 +159,7 @@ def fit_randomized_cmd(
     crops: str,
     select: str,
     balance: float,
+    rank: float,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
@@ -142,6 +175,7 @@ def fit_randomized_cmd(
         crops=tuple(int(c) for c in crops.split(",") if c.strip()),
         select=select,
         balance=balance,
+        rank=rank,
     )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 

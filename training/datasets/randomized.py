@@ -101,6 +101,13 @@ class RandomizedConfig:
     # and 256/128 matrices on a full field. Off by default, so earlier recipes rebuild the
     # same blocks.
     p_coarse: float = 0.0
+    # ``paired``: the crops of a slice sit at the same place in every image of the block
+    # (each dose, each view step), stored with a ``group`` id, so a ranking loss can compare
+    # the same pixels at two qualities. ``sparse_per_block``: sparse-view steps per block
+    # with a sparse step (distinct, at one dose), so 1/8 and 1/16 views meet on one crop.
+    # Both off by default (own random streams: earlier recipes rebuild the same blocks).
+    paired: bool = False
+    sparse_per_block: int = 1
     val_fraction: float = 0.12  # top of each volume: val slices, never trained on
     sources: tuple[str, ...] = ()  # empty: every train source in the manifest
     realct_dir: str = ".cache/realct"
@@ -117,6 +124,7 @@ class Acquisition:
     doses: list[float]
     sparse: int | None
     coarse: int = 1  # area-downsampling factor after reconstruction (1: none)
+    extra_sparse: list[int] = field(default_factory=list)  # more sparse steps, same dose
 
     def params(self) -> ScanParams:
         base = GEOMETRIES[self.geometry]
@@ -344,7 +352,12 @@ def build_block(
         sim = sims[key] = LowDoseSimulator(params, cache_bytes=_cache_bytes())
     sim.params = params  # same sampling: grids stay valid; i0, sigma_e, kernel change
     gen = sim.generator(int(rng.integers(2**31)))
-    steps = [1] + ([acq.sparse] if acq.sparse else [])
+    if acq.sparse and cfg.sparse_per_block > 1:
+        xrng = np.random.default_rng([cfg.seed, index, 0x5A25])
+        rest = [s for s in SPARSE_STEPS if s != acq.sparse]
+        k = min(cfg.sparse_per_block - 1, len(rest))
+        acq.extra_sparse = sorted(int(s) for s in xrng.choice(rest, size=k, replace=False))
+    steps = [1] + ([acq.sparse, *acq.extra_sparse] if acq.sparse else [])
     bases = ladder(
         sim,
         hu,
@@ -370,7 +383,8 @@ def build_block(
     ]
     if acq.sparse:
         d = float(rng.choice(acq.doses))
-        images.append((_downsample(bases[acq.sparse].at(d), f), d, acq.sparse))
+        for step in (acq.sparse, *acq.extra_sparse):
+            images.append((_downsample(bases[step].at(d), f), d, step))
     cols: dict[str, list[Any]] = {
         k: []
         for k in (
@@ -383,15 +397,26 @@ def build_block(
             "ssim_body",
             "noise_hu",
             "slot",
+            "group",
         )
     }
     # an image smaller than a crop is padded with air, whose SSIM in the window is 1
     body_p = _pad_to(body.float(), cfg.crop, 0.0) > 0.5
+    fixed: dict[int, list[tuple[int, int]]] = {}
+    if cfg.paired:
+        prng = np.random.default_rng([cfg.seed, index, 0x9A1D])
+        fixed = {
+            i: crop_positions(prng, body_p[i].numpy(), cfg.crops_per_image, cfg.crop)
+            for i in range(len(body_p))
+        }
     for low, d, k in images:
         lab = image_labels(low, ref, body)
         low_p, ssim_p = _pad_to(low, cfg.crop, -1024.0), _pad_to(lab["ssim"], cfg.crop, 1.0)
         for i in range(len(low)):
-            for top, left in crop_positions(rng, body_p[i].numpy(), cfg.crops_per_image, cfg.crop):
+            places = fixed.get(i) or crop_positions(
+                rng, body_p[i].numpy(), cfg.crops_per_image, cfg.crop
+            )
+            for j, (top, left) in enumerate(places):
                 sl = (slice(top, top + cfg.crop), slice(left, left + cfg.crop))
                 cols["hu"].append(low_p[i][sl].round().clamp(-1024, 3071).short().numpy())
                 cols["ssim"].append(ssim_p[i][sl].half().numpy())
@@ -402,6 +427,7 @@ def build_block(
                 cols["ssim_body"].append(float(lab["ssim_body"][i]))
                 cols["noise_hu"].append(float(lab["noise_hu"][i]))
                 cols["slot"].append(i)
+                cols["group"].append(i * cfg.crops_per_image + j if cfg.paired else -1)
     out = {k: np.stack(v) if k in ("hu", "ssim") else np.asarray(v) for k, v in cols.items()}
     meta = {"split": split, "acquisition": asdict(acq), "slices": names, "anatomy": anatomies}
     out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -472,6 +498,8 @@ def load_blocks(root: str | Path, split: str) -> dict[str, Any]:
             for k in z.files:
                 if k != "meta":
                     cols.setdefault(k, []).append(z[k])
+            if "group" not in z.files:  # blocks built before ``paired``: no pairs
+                cols.setdefault("group", []).append(np.full(len(z["hu"]), -1))
             cols.setdefault("block", []).append(np.full(len(z["hu"]), int(path.stem)))
     if not cols:
         raise FileNotFoundError(f"no {split} blocks under {root}")
@@ -489,10 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default="0/1", help="w/n: build blocks i with i %% n == w")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--paired", action="store_true", help="same crop places in every image")
+    ap.add_argument("--sparse-per-block", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     w, n = (int(v) for v in a.worker.split("/"))
-    made = build_randomized(a.out, RandomizedConfig(n_blocks=a.blocks, seed=a.seed), worker=(w, n))
+    cfg = RandomizedConfig(
+        n_blocks=a.blocks, seed=a.seed, paired=a.paired, sparse_per_block=a.sparse_per_block
+    )
+    made = build_randomized(a.out, cfg, worker=(w, n))
     print(f"made {made} blocks")
     return 0
 

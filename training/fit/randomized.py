@@ -63,6 +63,11 @@ class DRFitConfig:
     # SSIM): 0 = uniform; 0.5 draws rare low-quality crops (heavy streaks, 2 % dose with a
     # sharp kernel) several times more often, so the score does not flatten at that end
     balance: float = 0.0
+    # weight of a pairwise ranking loss on the score (MD-IQA) or mean map (N2Q): half of
+    # each batch is pairs of one crop at two qualities (``paired`` blocks: other doses or
+    # view steps of the same acquisition), pushed apart by at least half their label
+    # difference, so a fine-tune cannot flatten a ladder the labels order. 0: off.
+    rank: float = 0.0
 
 
 def dose_class(eff_dose: torch.Tensor, levels: Sequence[int] = DOSE_LEVELS) -> torch.Tensor:
@@ -77,13 +82,17 @@ def dose_class(eff_dose: torch.Tensor, levels: Sequence[int] = DOSE_LEVELS) -> t
 
 
 def _windows(
-    hu: torch.Tensor, ssim: torch.Tensor, size: int, g: torch.Generator
+    hu: torch.Tensor, ssim: torch.Tensor, size: int, g: torch.Generator, tied: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows with flips and rotations; the first ``2 * tied`` samples are pairs
+    (0, 1), (2, 3), ... that share one window and one transform."""
     b, h, w = hu.shape
     r = torch.randint(0, h - size + 1, (b,), generator=g).tolist()
     c = torch.randint(0, w - size + 1, (b,), generator=g).tolist()
     k = torch.randint(0, 4, (b,), generator=g).tolist()
     f = torch.randint(0, 2, (b,), generator=g).tolist()
+    for i in range(1, 2 * tied, 2):
+        r[i], c[i], k[i], f[i] = r[i - 1], c[i - 1], k[i - 1], f[i - 1]
     xs, ys = [], []
     for i in range(b):
         x = hu[i, r[i] : r[i] + size, c[i] : c[i] + size].float()
@@ -105,6 +114,42 @@ def label_balance(ssim: torch.Tensor, power: float, bins: int = 20) -> torch.Ten
     return counts[b] ** -power
 
 
+def rank_pairs(data: dict[str, torch.Tensor], min_gap: float = 0.02) -> torch.Tensor:
+    """(P, 2) indices of crops of one place (same block and ``group``) whose stored mean
+    SSIM differs by at least ``min_gap``; empty where no block is ``paired``."""
+    group = data.get("group")
+    if group is None or not bool((group >= 0).any()):
+        return torch.zeros((0, 2), dtype=torch.long)
+    mean = torch.cat(
+        [data["ssim"][i : i + 512].float().mean(dim=(1, 2)) for i in range(0, len(group), 512)]
+    )
+    key = data["block"].long() * 10_000 + group.long()
+    idx = torch.nonzero(group >= 0)[:, 0]
+    order = idx[torch.argsort(key[idx], stable=True)]
+    pairs = []
+    start = 0
+    k = key[order]
+    for end in range(1, len(order) + 1):
+        if end == len(order) or k[end] != k[start]:
+            members = order[start:end]
+            if len(members) > 1:
+                a, b = torch.triu_indices(len(members), len(members), 1)
+                pa, pb = members[a], members[b]
+                keep = (mean[pa] - mean[pb]).abs() >= min_gap
+                pairs.append(torch.stack([pa[keep], pb[keep]], dim=1))
+            start = end
+    return torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.long)
+
+
+def rank_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Hinge on consecutive pairs (0, 1), (2, 3), ...: the better-labelled one must score
+    higher by at least half the label difference."""
+    pa, pb = pred[0::2], pred[1::2]
+    ya, yb = label[0::2], label[1::2]
+    sign = torch.sign(ya - yb)
+    return torch.relu(0.5 * (ya - yb).abs() - sign * (pa - pb)).mean()
+
+
 def _centre(t: torch.Tensor, size: int) -> torch.Tensor:
     h, w = t.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
@@ -115,11 +160,13 @@ def load_data(roots: Sequence[str | Path], split: str) -> dict[str, torch.Tensor
     from training.datasets.randomized import load_blocks
 
     parts = []
-    for root in roots:
+    for r, root in enumerate(roots):
         try:
-            parts.append(load_blocks(root, split))
+            part = load_blocks(root, split)
         except FileNotFoundError:
             continue
+        part["block"] = part["block"] + 100_000 * r  # block ids unique across roots
+        parts.append(part)
     if not parts:
         raise FileNotFoundError(f"no {split} data under {list(roots)}")
     keys = [k for k in parts[0] if k != "metas"]
@@ -242,25 +289,45 @@ def fit_dr(
     history.append({"step": 0, **row})
     n = len(train["hu"])
     weights = label_balance(train["ssim"], cfg.balance)
+    pairs = rank_pairs(train) if cfg.rank > 0 else torch.zeros((0, 2), dtype=torch.long)
+    if cfg.rank > 0:
+        if not len(pairs):
+            raise ValueError("rank > 0 needs paired blocks (build-randomized --paired)")
+        echo(f"ranking: {len(pairs)} pairs")
+    tied = cfg.batch // 4 if len(pairs) else 0  # pairs in a batch: half of its crops
     running = 0.0
     for step in range(1, cfg.steps + 1):
+        rest = cfg.batch - 2 * tied
         if weights is None:
-            idx = torch.randint(0, n, (cfg.batch,), generator=g)
+            idx = torch.randint(0, n, (rest,), generator=g)
         else:
-            idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=g)
+            idx = torch.multinomial(weights, rest, replacement=True, generator=g)
+        if tied:
+            chosen = pairs[torch.randint(0, len(pairs), (tied,), generator=g)]
+            idx = torch.cat([chosen.reshape(-1), idx])
         size = cfg.crop
         if cfg.crops:
             size = cfg.crops[int(torch.randint(0, len(cfg.crops), (), generator=g))]
-        hu, y = _windows(train["hu"][idx], train["ssim"][idx], size, g)
+        hu, y = _windows(train["hu"][idx], train["ssim"][idx], size, g, tied)
         x = inputs(hu)
         if is_md:
-            loss = supervised_loss(model(x), 4.0 * y.mean(dim=(1, 2)).to(device), model.cfg).total
+            logits = model(x)
+            target = 4.0 * y.mean(dim=(1, 2)).to(device)
+            loss = supervised_loss(logits, target, model.cfg).total
+            if tied:
+                pred = predict_soft(logits[: 2 * tied])
+                loss = loss + cfg.rank * rank_loss(pred, target[: 2 * tied])
         elif cfg.dose_only:
             target = dose_class(train["eff_dose"][idx]).to(device)
             loss = torch.nn.functional.cross_entropy(model(x).dose_logits.float(), target)
         else:
             tgt = N2QTargets(y[:, None].to(device), dose_class(train["eff_dose"][idx]).to(device))
-            loss, _ = model.loss(model(x), tgt)  # type: ignore[operator]
+            out_ = model(x)
+            loss, _ = model.loss(out_, tgt)  # type: ignore[operator]
+            if tied:
+                qmap = out_.quality_map.float()[: 2 * tied, 0].clamp(0, 1)
+                label = y[: 2 * tied].to(device).mean(dim=(1, 2))
+                loss = loss + cfg.rank * rank_loss(qmap.mean(dim=(1, 2)), label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -320,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default=None)
     ap.add_argument("--dose-only", action="store_true")
+    ap.add_argument("--rank", type=float, default=0.0)
     a = ap.parse_args(argv)
     cfg = DRFitConfig(
         a.family,
@@ -330,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=a.threads,
         init=a.init,
         dose_only=a.dose_only,
+        rank=a.rank,
     )
     print(json.dumps(fit_dr(a.data, a.out, cfg)))
     return 0
