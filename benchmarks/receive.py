@@ -9,7 +9,9 @@ Two scenarios, each repetition with fresh UIDs (neither side sees duplicates):
 The time is storescu's wall clock (for the parallel scenario, from the first start to the
 last exit); instances/s = instances sent / time. The receiver's CPU time
 (user + system, its child processes included) per instance is reported beside it: less
-exposed than the wall clock to other jobs on the host. One unmeasured warm-up send of each
+exposed than the wall clock to other jobs on the host; so is the senders' (storescu) CPU
+per instance, and the ceiling they imply: cores x 1000 / (receiver + sender ms), the most
+instances/s this host could carry with both on it. One unmeasured warm-up send of each
 scenario goes to each receiver first, after the generated series are flushed to disk.
 Within a repetition the receivers take turns, the order rotating, so the host's speed
 drifting affects all of them alike.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +63,7 @@ class Receiver:
     pid: int
     times: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
+    sender_cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -89,16 +93,21 @@ def _storescu(port: int, aec: str, files: list[Path]) -> subprocess.Popen[str]:
     )
 
 
-def _send(rx: Receiver, batches: list[list[Path]]) -> tuple[float, float]:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _send(rx: Receiver, batches: list[list[Path]]) -> tuple[float, float, float]:
     """Send each batch on its own association, all at once: seconds until the last ends,
-    and the receiver's CPU seconds meanwhile."""
-    cpu0, t0 = _cpu_seconds(rx.pid), time.perf_counter()
+    the receiver's CPU seconds meanwhile, and the senders' (storescu, waited for here)."""
+    cpu0, snd0, t0 = _cpu_seconds(rx.pid), _children_cpu(), time.perf_counter()
     procs = [_storescu(rx.port, rx.aec, files) for files in batches]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"storescu to {rx.name} failed: {err[-2000:]}")
-    return time.perf_counter() - t0, _cpu_seconds(rx.pid) - cpu0
+    return time.perf_counter() - t0, _cpu_seconds(rx.pid) - cpu0, _children_cpu() - snd0
 
 
 def _copy(base: list[Dataset], folder: Path) -> list[Path]:
@@ -216,14 +225,16 @@ def main() -> None:
             for rx in receivers:
                 rx.times = {s: [] for s in scenarios}
                 rx.cpu = {s: [] for s in scenarios}
+                rx.sender_cpu = {s: [] for s in scenarios}
             for rep, batches in enumerate(sends):
                 for s in scenarios:
                     k = rep % len(receivers)
                     for rx in receivers[k:] + receivers[:k]:
-                        dt, cpu = _send(rx, batches[s])
+                        dt, cpu, sender = _send(rx, batches[s])
                         if rep:  # rep 0 warms up
                             rx.times[s].append(dt)
                             rx.cpu[s].append(cpu)
+                            rx.sender_cpu[s].append(sender)
             expected = (args.reps + 1) * (args.slices + per * args.parallel)
             for name, q in qgates.items():
                 got = sum(r["instances"] for r in q.cli_json("results", "--json"))
@@ -259,18 +270,21 @@ def _report(
     orthanc = receivers[-1]
     print(
         "| receiver | associations | median s | min s | instances/s | qgate/Orthanc "
-        "| receiver CPU ms/instance |"
+        "| receiver CPU ms/instance | storescu CPU ms/instance | CPU-bound ceiling/s |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s, label in scenarios.items():
         ref = statistics.median(orthanc.times[s])
         for rx in receivers:
             med = statistics.median(rx.times[s])
             ratio = f"{ref / med:.2f}x" if rx is not orthanc else ""
             cpu = 1000 * statistics.median(rx.cpu[s]) / n[s]
+            sender = 1000 * statistics.median(rx.sender_cpu[s]) / n[s]
+            # the most instances/s the host's cores could carry at these CPU costs
+            ceiling = 1000 * (os.cpu_count() or 1) / (cpu + sender)
             print(
                 f"| {rx.name} | {label} | {med:.3f} | {min(rx.times[s]):.3f} | "
-                f"{n[s] / med:.1f} | {ratio} | {cpu:.2f} |"
+                f"{n[s] / med:.1f} | {ratio} | {cpu:.2f} | {sender:.2f} | {ceiling:.0f} |"
             )
     print()
     for s, label in scenarios.items():
