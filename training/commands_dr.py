@@ -127,10 +127,11 @@ def build_chest_cmd(
 )
 @click.option(
     "--select",
-    type=click.Choice(["auto", "rmse"]),
+    type=click.Choice(["auto", "rmse", "pairs"]),
     default="auto",
     show_default=True,
-    help="Checkpoint kept: auto = val Spearman (MD-IQA) / map RMSE (N2Q); rmse = lowest RMSE.",
+    help="Checkpoint kept: auto = val Spearman (MD-IQA) / map RMSE (N2Q); rmse = lowest "
+    "RMSE; pairs = most val pairs (--paired data) in the labels' order.",
 )
 @click.option(
     "--balance",

@@ -58,7 +58,9 @@ class DRFitConfig:
     # which validation row is kept: "auto" = Spearman for MD-IQA, map RMSE for N2Q (dose
     # accuracy with dose_only); "rmse" keeps MD-IQA's best score RMSE instead (the val
     # crops' Spearman saturates and moves by noise once the order is mostly right)
-    select: Literal["auto", "rmse"] = "auto"
+    # "pairs": the best share of validation pairs (one place at two qualities, ``paired``
+    # blocks) in the labels' order, i.e. the ladders of the training simulator
+    select: Literal["auto", "rmse", "pairs"] = "auto"
     # sample crops with weight count(label bin) ** -balance (20 bins of the crop's mean
     # SSIM): 0 = uniform; 0.5 draws rare low-quality crops (heavy streaks, 2 % dose with a
     # sharp kernel) several times more often, so the score does not flatten at that end
@@ -254,6 +256,9 @@ def fit_dr(
     vx = _centre(val["hu"], cfg.crop)
     vy = _centre(val["ssim"], cfg.crop).float().clamp(0, 1)
     vd = dose_class(val["eff_dose"])
+    vpairs = rank_pairs({**val, "ssim": vy})
+    if cfg.select == "pairs" and not len(vpairs):
+        raise ValueError("select='pairs' needs paired validation blocks")
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
@@ -275,6 +280,9 @@ def fit_dr(
             "val_spearman": float(spearmanr(p, truth).statistic),
             "val_rmse": float(np.sqrt(np.mean((p - truth) ** 2))),
         }
+        if len(vpairs):
+            a, b = vpairs[:, 0].numpy(), vpairs[:, 1].numpy()
+            row["val_pairs"] = float(np.mean(np.sign(p[a] - p[b]) == np.sign(truth[a] - truth[b])))
         if dose:
             pred_d = torch.cat(dose)
             row["val_dose_acc"] = float((pred_d == vd).float().mean())
@@ -340,7 +348,9 @@ def fit_dr(
             row = {"step": step, "loss": running, "seconds": time.time() - t0, **validate()}
             history.append(row)
             echo(json.dumps(row))
-            if is_md and cfg.select != "rmse":
+            if cfg.select == "pairs":
+                better = row["val_pairs"] > best.get("val_pairs", -1.0)
+            elif is_md and cfg.select != "rmse":
                 better = row["val_spearman"] > best["val_spearman"]
             elif cfg.dose_only:
                 better = row["val_dose_acc"] > best.get("val_dose_acc", -1.0)
