@@ -289,6 +289,24 @@ def fit_dr(
             row["val_dose_within1"] = float(((pred_d - vd).abs() <= 1).float().mean())
         return row
 
+    def save(path: Path, row: dict[str, float]) -> None:
+        model.cpu()
+        save_weights(
+            model,
+            path,
+            name="mdiqa_tiny" if is_md else "n2q_tiny",
+            training={
+                "recipe": "training.fit.randomized",
+                **asdict(cfg),
+                "roots": [str(r) for r in roots],
+                "best": row,
+            },
+            overrides=None
+            if is_md
+            else {"dose_levels": list(DOSE_LEVELS), "input": model.cfg.input},
+        )
+        model.to(device)
+
     history: list[dict[str, float]] = []
     best = {"val_spearman": -2.0, "val_rmse": math.inf, "step": -1}
     t0 = time.time()
@@ -358,23 +376,10 @@ def fit_dr(
                 better = row["val_rmse"] < best["val_rmse"]
             if better:
                 best = dict(row)
-                name = "mdiqa_tiny" if is_md else "n2q_tiny"
-                model.cpu()
-                save_weights(
-                    model,
-                    out / f"{cfg.family}.safetensors",
-                    name=name,
-                    training={
-                        "recipe": "training.fit.randomized",
-                        **asdict(cfg),
-                        "roots": [str(r) for r in roots],
-                        "best": best,
-                    },
-                    overrides=None
-                    if is_md
-                    else {"dose_levels": list(DOSE_LEVELS), "input": model.cfg.input},
-                )
-                model.to(device)
+                save(out / f"{cfg.family}.safetensors", best)
+            # the latest step too: the validation rows rank crops, not ladders, so the
+            # evaluation may want a later step than the one kept
+            save(out / f"{cfg.family}_last.safetensors", row)
             (out / f"{cfg.family}_history.json").write_text(json.dumps(history, indent=1))
         if done:
             break
