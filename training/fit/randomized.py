@@ -106,11 +106,16 @@ def _windows(
     return torch.stack(xs), torch.stack(ys).clamp(0.0, 1.0)
 
 
+def _crop_means(ssim: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per crop, in chunks (the stored maps are float16)."""
+    return torch.cat([ssim[i : i + 512].float().mean(dim=(1, 2)) for i in range(0, len(ssim), 512)])
+
+
 def label_balance(ssim: torch.Tensor, power: float, bins: int = 20) -> torch.Tensor | None:
     """Sampling weights count(bin) ** -power over the crops' mean SSIM (None: uniform)."""
     if power <= 0:
         return None
-    mean = torch.cat([ssim[i : i + 512].float().mean(dim=(1, 2)) for i in range(0, len(ssim), 512)])
+    mean = _crop_means(ssim)
     b = (mean.clamp(0, 1) * bins).long().clamp(max=bins - 1)
     counts = torch.bincount(b, minlength=bins).float()
     return counts[b] ** -power
@@ -122,24 +127,19 @@ def rank_pairs(data: dict[str, torch.Tensor], min_gap: float = 0.02) -> torch.Te
     group = data.get("group")
     if group is None or not bool((group >= 0).any()):
         return torch.zeros((0, 2), dtype=torch.long)
-    mean = torch.cat(
-        [data["ssim"][i : i + 512].float().mean(dim=(1, 2)) for i in range(0, len(group), 512)]
-    )
-    key = data["block"].long() * 10_000 + group.long()
+    mean = _crop_means(data["ssim"])
     idx = torch.nonzero(group >= 0)[:, 0]
-    order = idx[torch.argsort(key[idx], stable=True)]
+    key = data["block"][idx].long() * 10_000 + group[idx].long()
+    perm = torch.argsort(key, stable=True)
+    order = idx[perm]
+    _, counts = torch.unique_consecutive(key[perm], return_counts=True)
     pairs = []
-    start = 0
-    k = key[order]
-    for end in range(1, len(order) + 1):
-        if end == len(order) or k[end] != k[start]:
-            members = order[start:end]
-            if len(members) > 1:
-                a, b = torch.triu_indices(len(members), len(members), 1)
-                pa, pb = members[a], members[b]
-                keep = (mean[pa] - mean[pb]).abs() >= min_gap
-                pairs.append(torch.stack([pa[keep], pb[keep]], dim=1))
-            start = end
+    for members in torch.split(order, counts.tolist()):
+        if len(members) > 1:
+            a, b = torch.triu_indices(len(members), len(members), 1)
+            pa, pb = members[a], members[b]
+            keep = (mean[pa] - mean[pb]).abs() >= min_gap
+            pairs.append(torch.stack([pa[keep], pb[keep]], dim=1))
     return torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.long)
 
 
@@ -299,7 +299,7 @@ def fit_dr(
                 "recipe": "training.fit.randomized",
                 **asdict(cfg),
                 "roots": [str(r) for r in roots],
-                "best": row,
+                "row": row,  # the validation row of the step saved
             },
             overrides=None
             if is_md
