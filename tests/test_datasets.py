@@ -393,3 +393,12 @@ def test_overwrite_replaces_an_interrupted_build(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a qgate dataset"):
         prepare_out(foreign, overwrite=True)
     assert (foreign / "keep.txt").exists()
+
+
+def test_block_files_skip_a_block_being_written(tmp_path: Path) -> None:
+    from training.datasets.randomized import block_files
+
+    (tmp_path / "blocks").mkdir()
+    for name in ("00001.npz", "00000.npz", "00002.tmp.npz", "notes.txt"):
+        (tmp_path / "blocks" / name).write_bytes(b"")
+    assert [p.name for p in block_files(tmp_path)] == ["00000.npz", "00001.npz"]

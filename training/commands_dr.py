@@ -10,6 +10,7 @@ qgate-train evaluate-independent --out training/reports [--weights-dir DIR]
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -92,17 +93,46 @@ def build_randomized_cmd(
     show_default=True,
     help="Doses per dose class and kernel, from one noise realisation.",
 )
+@click.option(
+    "--routine",
+    type=float,
+    default=None,
+    help="Routine dose as a fraction of the simulator's photon budget (default: ROUTINE_EFF).",
+)
+@click.option(
+    "--soft-cutoff",
+    default=None,
+    help="LO,HI: soft kernels cut off at a drawn fraction of the pixel's Nyquist.",
+)
 def build_chest_cmd(
-    out: str, blocks: int, worker: str, threads: int, realct: str, seed: int, doses_per_class: int
+    out: str,
+    blocks: int,
+    worker: str,
+    threads: int,
+    realct: str,
+    seed: int,
+    doses_per_class: int,
+    routine: float | None,
+    soft_cutoff: str | None,
 ) -> None:
     """Domain-randomised Chest CT-IQA volumes (resumable)."""
     from training.datasets.chest_dr import ChestDRConfig, build_chest_dr
 
     _threads(threads)
+    extra: dict[str, Any] = {}
+    if routine is not None:
+        extra["routine"] = routine
+    if soft_cutoff:
+        lo, hi = (float(v) for v in soft_cutoff.split(","))
+        extra["soft_cutoff"] = (lo, hi)
     made = build_chest_dr(
         out,
         ChestDRConfig(
-            n_blocks=blocks, realct_dir=realct, seed=seed, doses_per_class=doses_per_class
+            n_blocks=blocks,
+            realct_dir=realct,
+            seed=seed,
+            doses_per_class=doses_per_class,
+            **extra,
         ),
         worker=_worker(worker),
         echo=click.echo,
@@ -187,13 +217,39 @@ def fit_randomized_cmd(
 @click.option("--steps", type=int, default=600, show_default=True)
 @click.option("--budget", type=float, default=None)
 @click.option("--threads", type=int, default=1, show_default=True)
+@click.option(
+    "--dose-label",
+    type=click.Choice(["dose", "noise"]),
+    default="dose",
+    show_default=True,
+    help="dose: simulated dose vs the patient's routine; noise: noise relative to the kernel.",
+)
+@click.option(
+    "--noise-edge-hu",
+    type=float,
+    default=None,
+    help="With --dose-label noise: the class edge in HU of a Hann kernel at 0.7 mm "
+    "(the issue's scale: 5.3); default: from the training chests.",
+)
 def fit_chest_cmd(
-    out: str, data: tuple[str, ...], steps: int, budget: float | None, threads: int
+    out: str,
+    data: tuple[str, ...],
+    steps: int,
+    budget: float | None,
+    threads: int,
+    dose_label: str,
+    noise_edge_hu: float | None,
 ) -> None:
     """Train Chest CT-IQA on domain-randomised volumes."""
     from training.fit.chest_dr import ChestDRFitConfig, fit_chest_dr
 
-    cfg = ChestDRFitConfig(steps=steps, time_budget_s=budget, threads=threads)
+    cfg = ChestDRFitConfig(
+        steps=steps,
+        time_budget_s=budget,
+        threads=threads,
+        dose_label=dose_label,
+        noise_edge_hu=noise_edge_hu,
+    )
     click.echo(str(fit_chest_dr(list(data), out, cfg, echo=click.echo)))
 
 

@@ -9,9 +9,14 @@ with **both** kernel classes and at **two** doses from one noise realisation:
   ``lung`` = a sharp one (Shepp-Logan, ramp): read from the noise texture;
 * dose class: ``high`` = effective dose (dose x tube output) 0.6-1.6 of routine, ``low`` =
   0.12-0.35 (the quarter-dose scans of the issue), so the class is the noise relative to
-  what that kernel and patient give at routine dose; routine is
-  :data:`~training.datasets.randomized.ROUTINE_EFF` of the simulator's photon budget
-  (calibrated to the noise of real training scans).
+  what that kernel and patient give at routine dose. Routine is ``ChestDRConfig.routine``
+  of the simulator's photon budget: :data:`~training.datasets.randomized.ROUTINE_EFF`
+  (calibrated to the noise of real training scans) by default; round 9 uses the whole
+  budget, where a smooth kernel adds the issue's full-dose 3-4.5 HU at 0.7 mm (a ~30 cm
+  chest: 2.7-3.7 HU, ``.cache/chest9/calib.py`` in REPORT.md round 9).
+* ``soft_cutoff``: soft kernels cut off at a drawn fraction of the reconstruction pixel's
+  Nyquist (as clinical kernels are specified in lp/cm), so that their noise stays
+  correlated at 0.9-1.0 mm pixels, where a detector-relative smooth kernel's is white.
 
 What is stored is the model input itself (:func:`qgate.models.preprocess.prepare_chest_input`
 with the config given, computed on the native 512 reconstruction), the class labels, the
@@ -23,7 +28,9 @@ the noiseless same-kernel reconstruction. Blocks as in the randomised builder
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +43,7 @@ from qgate.core.physics import WINDOWS, body_mask, brisque_label, snr_label, ssi
 from qgate.models.preprocess import ChestInputConfig, prepare_chest_input
 from training.ct import LowDoseSimulator
 from training.ct.fastsim import noise_basis, noise_sinograms
+from training.ct.params import ScanParams
 from training.datasets.randomized import (
     GEOMETRIES,
     OBJECT_MM,
@@ -43,6 +51,7 @@ from training.datasets.randomized import (
     RandomizedConfig,
     Source,
     _cache_bytes,
+    block_files,
     clean_object,
     load_train_sources,
     write_blocks,
@@ -79,6 +88,13 @@ class ChestDRConfig:
     val_fraction: float = 0.15
     brisque_slices: int = 2
     realct_dir: str = ".cache/realct"
+    # routine dose as a fraction of the simulator's photon budget (round 9: 1.0, the issue's
+    # full dose of ~3-4.5 HU added with a smooth kernel at 0.7 mm; earlier ROUTINE_EFF)
+    routine: float = ROUTINE_EFF
+    # soft-tissue kernels with their cutoff at this fraction (drawn) of the reconstruction
+    # pixel's Nyquist, as clinical kernels are specified in lp/cm (None: the detector's
+    # Nyquist, which at 0.9-1.0 mm pixels leaves a smooth kernel's noise nearly white)
+    soft_cutoff: tuple[float, float] | None = None
 
 
 def _lung_fraction(sl: np.ndarray) -> float:
@@ -92,15 +108,30 @@ def _lung_fraction(sl: np.ndarray) -> float:
 
 
 def _class_doses(
-    rng: np.random.Generator, span: tuple[float, float], n: int, out_f: float
+    rng: np.random.Generator,
+    span: tuple[float, float],
+    n: int,
+    out_f: float,
+    routine: float = ROUTINE_EFF,
 ) -> list[float]:
     """``n`` simulator doses for one class: one log-uniform draw in each of ``n`` equal
     log-dose strata of ``span`` (fractions of routine), divided by the tube output."""
     lo, hi = np.log(span[0]), np.log(span[1])
     edges = np.linspace(lo, hi, n + 1)
-    return [
-        ROUTINE_EFF * float(np.exp(rng.uniform(edges[i], edges[i + 1]))) / out_f for i in range(n)
-    ]
+    return [routine * float(np.exp(rng.uniform(edges[i], edges[i + 1]))) / out_f for i in range(n)]
+
+
+def soft_kernel(
+    rng: np.random.Generator, cfg: ChestDRConfig, params: ScanParams, pixel_mm: float
+) -> str:
+    """A soft-tissue kernel: a window from :data:`SOFT_KERNELS`, or (``cfg.soft_cutoff``) a
+    Hann / cosine / Hamming window whose cutoff is a drawn fraction of the reconstruction
+    pixel's Nyquist, expressed on the detector's (capped at 1)."""
+    if cfg.soft_cutoff is None:
+        return str(rng.choice(SOFT_KERNELS))
+    window = str(rng.choice(("hann", "cosine", "hamming")))
+    frac = float(rng.uniform(*cfg.soft_cutoff)) * params.iso_pitch_mm / pixel_mm
+    return f"{window}:{min(1.0, frac):.3f}"
 
 
 def pick_volume(
@@ -159,9 +190,12 @@ def build_block(
         sim = sims[geo] = LowDoseSimulator(params, cache_bytes=_cache_bytes())
     sim.params = params
     px = float(rng.choice(cfg.pixels_mm))
-    doses = [(1, d) for d in _class_doses(rng, cfg.high, cfg.doses_per_class, out_f)]
-    doses += [(0, d) for d in _class_doses(rng, cfg.low, cfg.doses_per_class, out_f)]
-    kernels = {0: str(rng.choice(SOFT_KERNELS)), 1: str(rng.choice(LUNG_KERNELS))}
+    doses = [(1, d) for d in _class_doses(rng, cfg.high, cfg.doses_per_class, out_f, cfg.routine)]
+    doses += [(0, d) for d in _class_doses(rng, cfg.low, cfg.doses_per_class, out_f, cfg.routine)]
+    if cfg.soft_cutoff is None:  # the draw order of earlier recipes
+        kernels = {0: str(rng.choice(SOFT_KERNELS)), 1: str(rng.choice(LUNG_KERNELS))}
+    else:
+        kernels = {0: soft_kernel(rng, cfg, params, px), 1: str(rng.choice(LUNG_KERNELS))}
     gen = sim.generator(int(rng.integers(2**31)))
     hu = torch.from_numpy(objects)
     # one projection and one noise realisation; both kernels reconstruct it
@@ -189,7 +223,8 @@ def build_block(
         ref = b.clean
         body = (ref > -500).numpy()
         for dc, d in doses:
-            v = b.at(min(d, 1.5))
+            # no read-out noise: the quantum term alone scales as 1/sqrt(dose) at any dose
+            v = b.at(d) if d <= 1.5 else b.clean + b.quantum / float(np.sqrt(d))
             x = prepare_chest_input(v, CHEST_INPUT, pixel_mm=px)[0]
             c, w = WINDOWS["lung" if wc else "mediastinum"]
             img = window(v, c, w)
@@ -203,7 +238,7 @@ def build_block(
             cols["snr"].append(snr_label(v.numpy(), body_mask(v.numpy())))
             cols["brisque"].append(bq)
             cols["quality"].append(float(sm.numpy()[body].mean()))
-            cols["eff_dose"].append(d * out_f / ROUTINE_EFF)  # fraction of routine
+            cols["eff_dose"].append(d * out_f / cfg.routine)  # fraction of routine
             cols["noise_hu"].append(float((v - ref).numpy()[soft].std()) if soft.any() else 0.0)
     out = {k: np.asarray(v) for k, v in cols.items()}
     meta = {
@@ -243,17 +278,92 @@ def build_chest_dr(
     )
 
 
-def load_chest_blocks(roots: Sequence[str | Path], split: str) -> dict[str, torch.Tensor]:
+def load_chest_blocks(
+    roots: Sequence[str | Path], split: str, *, gains: bool = False
+) -> dict[str, torch.Tensor]:
+    """The volumes of one split; ``gains``: also ``kernel_gain`` (:func:`kernel_gain` of each
+    volume's geometry, kernel and pixel) and ``chest`` (1 where a real chest source)."""
     cols: dict[str, list[np.ndarray]] = {}
     for root in roots:
-        for path in sorted((Path(root) / "blocks").glob("[0-9]*.npz")):
+        conf = Path(root) / "config.json"
+        realct = json.loads(conf.read_text())["realct_dir"] if conf.exists() else ".cache/realct"
+        for path in block_files(root):
             with np.load(path) as z:
-                if json.loads(z["meta"].tobytes())["split"] != split:
+                meta = json.loads(z["meta"].tobytes())
+                if meta["split"] != split:
                     continue
                 for k in z.files:
                     if k != "meta":
                         cols.setdefault(k, []).append(z[k])
+                if gains:
+                    wc = z["window_class"]
+                    g = [
+                        kernel_gain(
+                            meta["geometry"], meta["kernels"][str(int(c))], meta["pixel_mm"]
+                        )
+                        for c in wc
+                    ]
+                    cols.setdefault("kernel_gain", []).append(np.asarray(g, np.float32))
+                    src = meta["source"].split(":")[0]
+                    chest = src in _chest_source_names(realct)
+                    cols.setdefault("chest", []).append(np.full(len(wc), int(chest)))
     return {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
+
+
+@functools.cache
+def _chest_source_names(realct: str) -> frozenset[str]:
+    path = Path(realct) / "manifest.json"
+    if not path.exists():
+        return frozenset()
+    return frozenset(
+        e["name"] for e in json.loads(path.read_text())["sources"] if "chest" in e["anatomy"]
+    )
+
+
+@functools.cache
+def kernel_gain(geometry: str, kernel: str, pixel_mm: float) -> float:
+    """HU of noise per unit of white sinogram noise (1e-3 per reading) that ``kernel`` gives at
+    ``pixel_mm`` on ``geometry``: the kernel's (and pixel's) share of an image's noise, so
+    that ``noise_hu / kernel_gain`` is the noise before the kernel (patient and dose)."""
+    sim = LowDoseSimulator(GEOMETRIES[geometry], device="cpu")
+    p = sim.params
+    white = torch.randn(1, p.n_views, p.n_det, generator=torch.Generator().manual_seed(0)) * 1e-3
+    img = sim.reconstruct(white, pixel_mm, 256, kernel=kernel)[0] + 1000.0
+    return float(img[64:192, 64:192].std())
+
+
+# The issue's scale: full dose adds 3-4.5 HU with a smooth kernel at 0.7 mm, a quarter
+# dose twice that; the class edge is their geometric middle, sqrt(3.75 x 7.5) = 5.3 HU,
+# for a Hann kernel at the pixel's Nyquist on the clinical fan scanner.
+ISSUE_EDGE_HU = 5.3
+EDGE_KERNEL = ("as-576v", "hann:1.0", 0.7)
+
+
+def noise_dose_classes(
+    train: dict[str, torch.Tensor],
+    *others: dict[str, torch.Tensor],
+    at: float = 0.46,
+    edge_hu: float | None = None,
+) -> float:
+    """Relabel ``dose_class`` by noise relative to the kernel (round 9): ``high`` where
+    ``noise_hu / kernel_gain`` is below what the median training chest gives at ``at`` of
+    routine (the edge between the classes' dose spans), whatever the patient. The
+    simulated dose class is relative to each patient's own routine, which the pixels show
+    only through its size and attenuation; the issue defines dose as noise relative to the
+    kernel. ``edge_hu``: the edge in HU of a Hann kernel (:data:`EDGE_KERNEL`) instead,
+    e.g. :data:`ISSUE_EDGE_HU`. Returns the threshold; ``train`` and ``others`` (loaded with
+    ``gains=True``) are changed in place."""
+    if edge_hu is not None:
+        tau = edge_hu / kernel_gain(*EDGE_KERNEL)
+    else:
+        rel = train["noise_hu"].double() / train["kernel_gain"].double()
+        routine = rel * train["eff_dose"].double().sqrt()
+        ref = routine[train["chest"] == 1] if bool((train["chest"] == 1).any()) else routine
+        tau = float(ref.median()) / math.sqrt(at)
+    for d in (train, *others):
+        if len(d.get("noise_hu", [])):
+            d["dose_class"] = (d["noise_hu"].double() / d["kernel_gain"].double() < tau).long()
+    return tau
 
 
 def main(argv: Sequence[str] | None = None) -> int:

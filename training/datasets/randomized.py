@@ -484,12 +484,19 @@ def write_blocks(
     return made
 
 
+def block_files(root: str | Path) -> list[Path]:
+    """The finished blocks under ``root`` in index order (not the ``.tmp.npz`` of a build
+    that is still writing one)."""
+    paths = (Path(root) / "blocks").glob("[0-9]*.npz")
+    return sorted(p for p in paths if not p.name.endswith(".tmp.npz"))
+
+
 def load_blocks(root: str | Path, split: str) -> dict[str, Any]:
     """All crops of a split: tensors ``hu``, ``ssim`` and the per-crop scalars, plus
     ``block`` (index) and the block metadata list."""
     cols: dict[str, list[np.ndarray]] = {}
     metas = []
-    for path in sorted((Path(root) / "blocks").glob("[0-9]*.npz")):
+    for path in block_files(root):
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes())
             if meta["split"] != split:

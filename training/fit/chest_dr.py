@@ -34,6 +34,11 @@ class ChestDRFitConfig:
     val_every: int = 50
     threads: int = 1
     time_budget_s: float | None = None
+    # "dose": the simulated dose relative to each patient's routine; "noise": noise relative
+    # to the kernel against one threshold (``noise_dose_classes``, round 9)
+    dose_label: str = "dose"
+    # with "noise": the class edge in HU of a Hann kernel at 0.7 mm (None: from the data)
+    noise_edge_hu: float | None = None
 
 
 def fit_chest_dr(
@@ -45,15 +50,24 @@ def fit_chest_dr(
 ) -> dict[str, Any]:
     from qgate.models import create_model
     from qgate.models.chestiqa import ChestIQATargets
-    from training.datasets.chest_dr import CHEST_INPUT, load_chest_blocks
+    from training.datasets.chest_dr import CHEST_INPUT, load_chest_blocks, noise_dose_classes
     from training.fit.export import save_weights
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_chest_blocks(roots, "train")
-    val = load_chest_blocks(roots, "val")
+    if cfg.dose_label not in ("dose", "noise"):
+        raise ValueError(f"dose_label must be 'dose' or 'noise', got {cfg.dose_label!r}")
+    by_noise = cfg.dose_label == "noise"
+    train = load_chest_blocks(roots, "train", gains=by_noise)
+    val = load_chest_blocks(roots, "val", gains=by_noise)
+    tau = noise_dose_classes(train, val, edge_hu=cfg.noise_edge_hu) if by_noise else None
+    if tau is not None:
+        echo(
+            f"dose class by noise / kernel gain < {tau:.3f} "
+            f"(high share {train['dose_class'].float().mean():.2f})"
+        )
     echo(f"chest: train {len(train['x'])}, val {len(val.get('x', []))} volumes")
     overrides = {"input": CHEST_INPUT, "normalised_reg_loss": True}
     model = create_model("chestiqa_tiny", **overrides)
@@ -142,6 +156,7 @@ def fit_chest_dr(
             **asdict(cfg),
             "roots": [str(r) for r in roots],
             "best": best,
+            "noise_threshold": tau,
         },
         overrides=overrides,
     )
