@@ -13,7 +13,7 @@ with **both** kernel classes and at **two** doses from one noise realisation:
   of the simulator's photon budget: :data:`~training.datasets.randomized.ROUTINE_EFF`
   (calibrated to the noise of real training scans) by default; round 9 uses the whole
   budget, where a smooth kernel adds the issue's full-dose 3-4.5 HU at 0.7 mm (a ~30 cm
-  chest: 2.7-3.7 HU, ``.cache/chest9/calib.py`` in REPORT.md round 9).
+  chest: 2.7-3.7 HU, :mod:`training.chest_routine_noise`, REPORT.md round 9).
 * ``soft_cutoff``: soft kernels cut off at a drawn fraction of the reconstruction pixel's
   Nyquist (as clinical kernels are specified in lp/cm), so that their noise stays
   correlated at 0.9-1.0 mm pixels, where a detector-relative smooth kernel's is white.
