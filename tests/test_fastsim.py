@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -205,3 +207,39 @@ def test_noise_dose_classes_follow_noise_relative_to_the_kernel() -> None:
     assert tau == pytest.approx(ISSUE_EDGE_HU / kernel_gain(*EDGE_KERNEL))
     rel = train["noise_hu"] / train["kernel_gain"]
     assert train["dose_class"].tolist() == (rel < tau).long().tolist()
+
+
+@pytest.mark.slow
+def test_chest_block_round9_recipe(tmp_path: Path) -> None:
+    """One chest block of the round-9 recipe (phantom only, no real CT needed): both kernel
+    classes, the dose spans of the whole photon budget, a pixel-relative soft kernel, and
+    noise labels that agree with the simulated classes for this (typical) chest."""
+    import json
+
+    import numpy as np
+
+    from training.datasets.chest_dr import (
+        ISSUE_EDGE_HU,
+        ChestDRConfig,
+        build_block,
+        load_chest_blocks,
+        noise_dose_classes,
+    )
+
+    torch.set_num_threads(2)
+    cfg = ChestDRConfig(p_phantom=1.0, routine=1.0, soft_cutoff=(0.6, 1.0), val_fraction=0.0)
+    block = build_block(0, cfg, [], {})
+    meta = json.loads(block["meta"].tobytes())
+    assert meta["kernels"]["0"].split(":")[0] in ("hann", "cosine", "hamming")
+    assert block["window_class"].tolist() == [0, 0, 1, 1]
+    assert block["dose_class"].tolist() == [1, 0, 1, 0]
+    eff = block["eff_dose"]
+    assert 0.6 <= eff[0] <= 1.6 and 0.12 <= eff[1] <= 0.35
+    n = block["noise_hu"]
+    assert n[0] < n[1] and n[2] < n[3] and n[0] < n[2]  # dose and kernel both show
+    (tmp_path / "blocks").mkdir()
+    np.savez(tmp_path / "blocks" / "00000.npz", **block)
+    train = load_chest_blocks([tmp_path], "train", gains=True)
+    assert train["kernel_gain"][0] < train["kernel_gain"][2]
+    noise_dose_classes(train, edge_hu=ISSUE_EDGE_HU)
+    assert train["dose_class"].tolist() == [1, 0, 1, 0], (n.tolist(), train["kernel_gain"])
