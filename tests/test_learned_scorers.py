@@ -301,3 +301,24 @@ def test_default_slice_limits_match_the_example_config() -> None:
     assert (scoring.mdiqa.max_slices, scoring.n2q.max_slices) == (64, 32)
     example = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["scoring"]
     assert example["mdiqa"]["max_slices"] == 64 and example["n2q"]["max_slices"] == 32
+
+
+def test_chest_dose_edge_is_a_site_setting(weights: dict[str, Path], volume: SeriesVolume) -> None:
+    """``scoring.chestiqa.high_dose_probability`` moves where ``dose_class`` turns "high";
+    the probability itself does not change."""
+    from qgate.core.config import ChestScorerConfig
+
+    base = ChestIQAScorer(LearnedScorerConfig(weights=weights["chestiqa"]), device="cpu")
+    assert isinstance(base.config, ChestScorerConfig) and base.config.high_dose_probability == 0.5
+    p = base.score(volume).series["high_dose_probability"]
+    out = {}
+    for edge in (max(0.001, p - 0.01), min(0.999, p + 0.01)):
+        cfg = ChestScorerConfig(weights=weights["chestiqa"], high_dose_probability=edge)
+        res = ChestIQAScorer(cfg, device="cpu").score(volume).series
+        assert res["high_dose_probability"] == p
+        out[edge] = res["dose_class"]
+    assert list(out.values()) == ["high", "low"]
+    settings = load_settings(path=None, scoring={"chestiqa": {"high_dose_probability": 0.3}})
+    assert settings.scoring.chestiqa.high_dose_probability == 0.3
+    with pytest.raises(ValueError):
+        load_settings(path=None, scoring={"chestiqa": {"high_dose_probability": 1.5}})

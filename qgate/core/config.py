@@ -333,6 +333,16 @@ class SliceScorerConfig(LearnedScorerConfig):
     max_slices: int | None = Field(64, ge=2)
 
 
+class ChestScorerConfig(LearnedScorerConfig):
+    """Chest CT-IQA (``chestiqa``)."""
+
+    # P(high dose) at or above which ``dose_class`` reads "high". Where the edge between the
+    # classes lies is a convention of what routine dose is, and scanners differ
+    # (training/reports/REPORT.md, round 9): a site that checks the class on its own
+    # reviewed series moves it here. ``high_dose_probability`` is reported either way.
+    high_dose_probability: float = Field(0.5, gt=0.0, lt=1.0)
+
+
 class ScoringConfig(BaseModel):
     # The physics scorers, then every learned family (qgate.core.families).
     scorers: list[str] = Field(default_factory=lambda: ["noise", "snr", *FAMILY_NAMES])
@@ -345,7 +355,7 @@ class ScoringConfig(BaseModel):
     # with the sample: on held-out real series (134-275 slices) 32 slices gave every
     # slice's mean to within 0.001 (training/reports/REPORT.md, round 5).
     n2q: SliceScorerConfig = Field(default_factory=lambda: SliceScorerConfig(max_slices=32))
-    chestiqa: LearnedScorerConfig = Field(default_factory=LearnedScorerConfig)
+    chestiqa: ChestScorerConfig = Field(default_factory=ChestScorerConfig)
 
     def learned(self, name: str) -> LearnedScorerConfig:
         """The settings of the learned family ``name`` (``scoring.<name>``)."""
@@ -357,7 +367,11 @@ class ScoringConfig(BaseModel):
 # One settings field per family, of the kind the family reads (per slice or whole series).
 for _f in FAMILIES:
     _kind = SliceScorerConfig if _f.per_slice else LearnedScorerConfig
-    if ScoringConfig.model_fields[_f.name].annotation is not _kind:
+    _ann = ScoringConfig.model_fields[_f.name].annotation
+    # a subclass may add settings (ChestScorerConfig); a whole-series family never reads slices
+    if not (isinstance(_ann, type) and issubclass(_ann, _kind)) or (
+        not _f.per_slice and issubclass(_ann, SliceScorerConfig)
+    ):
         raise RuntimeError(f"ScoringConfig.{_f.name} must be a {_kind.__name__}")
 
 

@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from qgate.core.config import LearnedScorerConfig, SliceScorerConfig
+from qgate.core.config import ChestScorerConfig, LearnedScorerConfig, SliceScorerConfig
 from qgate.core.families import SHIPPED_WEIGHTS_DIR, Family, ModelFamily
 from qgate.core.families import family as family_of
 from qgate.score.scorers.base import ScoreOutput, SeriesVolume, SliceMap, register_scorer
@@ -556,9 +556,13 @@ class ChestIQAScorer(_LearnedScorer):
     name = "chestiqa"
     family: Family = "chestiqa"
     version = _VERSION
+    config_type = ChestScorerConfig
+    config: ChestScorerConfig
 
     def _setup(self) -> None:
         self.chest: ChestIQANet = self.model  # type: ignore[assignment]
+        if not isinstance(self.config, ChestScorerConfig):  # a plain LearnedScorerConfig
+            self.config = ChestScorerConfig(**self.config.model_dump())
 
     def score(self, volume: SeriesVolume) -> ScoreOutput:
         import torch
@@ -584,7 +588,10 @@ class ChestIQAScorer(_LearnedScorer):
         return ScoreOutput(
             series={
                 "window_class": pred.window_class,
-                "dose_class": pred.dose_class,
+                # the site's edge (config), not the argmax: the same network, its own routine
+                "dose_class": self.chest.cfg.dose_labels[
+                    int(pred.dose_prob >= self.config.high_dose_probability)
+                ],
                 "snr": round(pred.snr, 4),
                 "brisque": round(pred.brisque, 4),
                 "score": round(score, 4),
