@@ -223,8 +223,7 @@ def build_block(
         ref = b.clean
         body = (ref > -500).numpy()
         for dc, d in doses:
-            # no read-out noise: the quantum term alone scales as 1/sqrt(dose) at any dose
-            v = b.at(d) if d <= 1.5 else b.clean + b.quantum / float(np.sqrt(d))
+            v = b.at(d)
             x = prepare_chest_input(v, CHEST_INPUT, pixel_mm=px)[0]
             c, w = WINDOWS["lung" if wc else "mediastinum"]
             img = window(v, c, w)
@@ -321,11 +320,16 @@ def _chest_source_names(realct: str) -> frozenset[str]:
 
 
 @functools.cache
+def _gain_simulator(geometry: str) -> LowDoseSimulator:
+    return LowDoseSimulator(GEOMETRIES[geometry], device="cpu")
+
+
+@functools.cache
 def kernel_gain(geometry: str, kernel: str, pixel_mm: float) -> float:
     """HU of noise per unit of white sinogram noise (1e-3 per reading) that ``kernel`` gives at
     ``pixel_mm`` on ``geometry``: the kernel's (and pixel's) share of an image's noise, so
     that ``noise_hu / kernel_gain`` is the noise before the kernel (patient and dose)."""
-    sim = LowDoseSimulator(GEOMETRIES[geometry], device="cpu")
+    sim = _gain_simulator(geometry)
     p = sim.params
     white = torch.randn(1, p.n_views, p.n_det, generator=torch.Generator().manual_seed(0)) * 1e-3
     img = sim.reconstruct(white, pixel_mm, 256, kernel=kernel)[0] + 1000.0
