@@ -310,6 +310,9 @@ class _LearnedScorer:
     def __init__(
         self, config: LearnedScorerConfig | None = None, *, device: DeviceName | str = "auto"
     ) -> None:
+        if config is not None and not isinstance(config, self.config_type):
+            # a plain LearnedScorerConfig: the family's own settings at their defaults
+            config = self.config_type(**config.model_dump())
         self.config = config or self.config_type()
         self.device = resolve_device(device)
         self.weights_path = Path(self.config.weights or default_weights_path(self.family))
@@ -561,8 +564,6 @@ class ChestIQAScorer(_LearnedScorer):
 
     def _setup(self) -> None:
         self.chest: ChestIQANet = self.model  # type: ignore[assignment]
-        if not isinstance(self.config, ChestScorerConfig):  # a plain LearnedScorerConfig
-            self.config = ChestScorerConfig(**self.config.model_dump())
 
     def score(self, volume: SeriesVolume) -> ScoreOutput:
         import torch
