@@ -243,3 +243,65 @@ def test_chest_block_round9_recipe(tmp_path: Path) -> None:
     assert train["kernel_gain"][0] < train["kernel_gain"][2]
     noise_dose_classes(train, edge_hu=ISSUE_EDGE_HU)
     assert train["dose_class"].tolist() == [1, 0, 1, 0], (n.tolist(), train["kernel_gain"])
+
+
+def test_pixel_kernels_and_fine_scanners_reach_the_pixel_nyquist() -> None:
+    """Round 10: a kernel drawn in the pixel's frequency cuts off at (soft: 0.5-1.0 of) the
+    pixel's Nyquist; only a scanner sampling finer than the pixel can carry noise up to it,
+    so at 0.4 mm a fine scanner's ramp gives finer (less correlated) noise than the
+    0.7 mm-sampled one's."""
+    import numpy as np
+
+    from training.ct.params import resolve_kernel
+    from training.datasets.randomized import FINE_GEOMETRIES, GEOMETRIES, pixel_kernel
+
+    rng = np.random.default_rng(0)
+    for geo in (*GEOMETRIES.values(), *FINE_GEOMETRIES.values()):
+        for px in (0.4, 0.7, 1.0):
+            for _ in range(20):
+                window, cut = resolve_kernel(pixel_kernel(rng, geo.iso_pitch_mm, px))
+                lp_mm = cut * 0.5 / geo.iso_pitch_mm
+                assert lp_mm <= 0.5 / px + 1e-3
+                if window in ("ramp", "shepp-logan") and cut < 1.0:
+                    assert lp_mm == pytest.approx(0.5 / px, rel=1e-2)
+    for geo in FINE_GEOMETRIES.values():  # never capped by the detector at 0.4 mm
+        assert geo.iso_pitch_mm < 0.4
+
+    torch.set_num_threads(2)
+
+    def corr(geo: ScanParams) -> float:
+        # a ramp at the 0.4 mm pixel's Nyquist, as far as the detector allows
+        kernel = f"ramp:{min(1.0, geo.iso_pitch_mm / 0.4):.3f}"
+        sim = LowDoseSimulator(geo.with_(n_views=256), device="cpu")
+        noise = torch.randn(1, 256, geo.n_det, generator=torch.Generator().manual_seed(0))
+        img = sim.reconstruct(noise, 0.4, 160, kernel=kernel)[0, 40:120, 40:120]
+        img = img - img.mean()
+        return float((img[:, 1:] * img[:, :-1]).mean() / (img * img).mean())
+
+    fine = FINE_GEOMETRIES["parallel-fine"]
+    coarse = GEOMETRIES["parallel"]
+    assert corr(fine) < corr(coarse) - 0.2, (corr(fine), corr(coarse))
+
+
+def test_fine_sampling_scales_the_photons_with_the_pixel() -> None:
+    import copy
+
+    import numpy as np
+
+    from training.datasets.randomized import (
+        FINE_GEOMETRIES,
+        GEOMETRIES,
+        RandomizedConfig,
+        draw_acquisition,
+        fine_sampling,
+    )
+
+    base = draw_acquisition(np.random.default_rng(3), RandomizedConfig())
+    off = fine_sampling(np.random.default_rng(0), RandomizedConfig(), copy.deepcopy(base))
+    assert off == base  # the defaults leave earlier recipes alone
+    on = RandomizedConfig(p_fine=1.0, pixel_kernels=1.0)
+    for seed in range(10):
+        acq = fine_sampling(np.random.default_rng(seed), on, copy.deepcopy(base))
+        assert acq.geometry in FINE_GEOMETRIES and acq.geometry not in GEOMETRIES
+        assert acq.output == pytest.approx(base.output * (0.7 / base.pixel_mm) ** 3)
+        assert acq.kernel.split(":")[0] in ("hann", "cosine", "hamming", "shepp-logan", "ramp")

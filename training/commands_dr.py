@@ -52,6 +52,20 @@ def _threads(n: int) -> None:
     show_default=True,
     help="Distinct sparse-view steps in a block that has one.",
 )
+@click.option(
+    "--fine",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a block's scanner samples finer than 0.4 mm pixels (0.35 mm).",
+)
+@click.option(
+    "--pixel-kernels",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a block's kernel is set in the pixel's frequency (lp/cm).",
+)
 def build_randomized_cmd(
     out: str,
     blocks: int,
@@ -62,6 +76,8 @@ def build_randomized_cmd(
     coarse: float,
     paired: bool,
     sparse_per_block: int,
+    fine: float,
+    pixel_kernels: float,
 ) -> None:
     """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
     from training.datasets.randomized import RandomizedConfig, build_randomized
@@ -74,6 +90,8 @@ def build_randomized_cmd(
         p_coarse=coarse,
         paired=paired,
         sparse_per_block=sparse_per_block,
+        p_fine=fine,
+        pixel_kernels=pixel_kernels,
     )
     made = build_randomized(out, cfg, worker=_worker(worker), echo=click.echo)
     click.echo(f"made {made} blocks")

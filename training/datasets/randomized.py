@@ -60,6 +60,19 @@ GEOMETRIES: dict[str, ScanParams] = {
     "parallel": ScanParams(geometry="parallel", n_views=368, n_det=640, det_pitch_mm=0.6),
 }
 KERNELS = ("hann:0.5", "smooth", "standard", "hamming", "shepp-logan", "sharp")
+# Scanners that sample finer than the finest reconstruction pixel (0.35 mm at the
+# isocentre; ``p_fine``): the flying focal spot doubles a fan scanner's channels and views,
+# and a parallel beam with a 0.3 mm pitch. Only these can carry noise up to a 0.4-0.6 mm
+# pixel's Nyquist frequency; on the scanners above (0.6-1.4 mm) it stops at theirs.
+FINE_GEOMETRIES: dict[str, ScanParams] = {
+    "as-ffs": ScanParams(n_views=1152, n_det=1472, det_pitch_mm=1.2858 / 2),
+    "parallel-fine": ScanParams(geometry="parallel", n_views=512, n_det=1280, det_pitch_mm=0.3),
+}
+SCANNERS = {**GEOMETRIES, **FINE_GEOMETRIES}
+# Windows of kernels drawn in the reconstruction pixel's frequency (``pixel_kernels``):
+# clinical kernels are specified in lp/cm, so their cutoff follows the pixel, not the
+# detector. Soft windows cut off at 0.5-1.0 of the pixel's Nyquist, the others at it.
+PIXEL_WINDOWS = ("hann", "cosine", "hamming", "shepp-logan", "ramp")
 # Whole real sources kept out of training for the independent evaluation (issue 10), besides
 # the eval-only sources of the manifest (pydicom's and pydicom-data's test files): one chest
 # CT of unknown licence, one non-commercial chest CT (neither may train a shipped model),
@@ -108,6 +121,12 @@ class RandomizedConfig:
     # Both off by default (own random streams: earlier recipes rebuild the same blocks).
     paired: bool = False
     sparse_per_block: int = 1
+    # ``p_fine``: probability that a block's scanner is one of :data:`FINE_GEOMETRIES`;
+    # ``pixel_kernels``: probability that its kernel is drawn in the pixel's frequency
+    # (:func:`pixel_kernel`). Both off by default (own random stream: earlier recipes
+    # rebuild the same blocks).
+    p_fine: float = 0.0
+    pixel_kernels: float = 0.0
     val_fraction: float = 0.12  # top of each volume: val slices, never trained on
     sources: tuple[str, ...] = ()  # empty: every train source in the manifest
     realct_dir: str = ".cache/realct"
@@ -127,7 +146,7 @@ class Acquisition:
     extra_sparse: list[int] = field(default_factory=list)  # more sparse steps, same dose
 
     def params(self) -> ScanParams:
-        base = GEOMETRIES[self.geometry]
+        base = SCANNERS[self.geometry]
         return base.with_(
             kernel=self.kernel, i0=base.i0 * self.output, sigma_e=base.sigma_e * self.electronic
         )
@@ -182,6 +201,30 @@ def draw_acquisition(rng: np.random.Generator, cfg: RandomizedConfig) -> Acquisi
         doses=doses,
         sparse=int(rng.choice(SPARSE_STEPS)) if rng.random() < cfg.p_sparse else None,
     )
+
+
+def pixel_kernel(rng: np.random.Generator, iso_pitch_mm: float, pixel_mm: float) -> str:
+    """A kernel whose cutoff is set in the reconstruction pixel's frequency (soft windows at
+    0.5-1.0 of its Nyquist, Shepp-Logan and ramp at it), written on the detector's scale
+    (``window:cutoff``, capped at the detector's Nyquist)."""
+    window = str(rng.choice(PIXEL_WINDOWS))
+    frac = 1.0 if window in ("shepp-logan", "ramp") else float(rng.uniform(0.5, 1.0))
+    return f"{window}:{min(1.0, frac * iso_pitch_mm / pixel_mm):.3f}"
+
+
+def fine_sampling(rng: np.random.Generator, cfg: RandomizedConfig, acq: Acquisition) -> Acquisition:
+    """``acq`` on a fine scanner (``cfg.p_fine``) and/or with a kernel in the pixel's frequency
+    (``cfg.pixel_kernels``); both draws are always made, from the block's own stream."""
+    fine, in_pixel = rng.random() < cfg.p_fine, rng.random() < cfg.pixel_kernels
+    if fine:
+        acq.geometry = str(rng.choice(list(FINE_GEOMETRIES)))
+        # Noise up to the pixel's Nyquist grows as pixel^-3 in variance; sites answer with
+        # more mAs and thicker slices at fine pixels. Scaled so that a 0.7 mm pixel is as
+        # before and the labels span the same range at every pixel.
+        acq.output *= (0.7 / acq.pixel_mm) ** 3
+    if in_pixel:
+        acq.kernel = pixel_kernel(rng, SCANNERS[acq.geometry].iso_pitch_mm, acq.pixel_mm)
+    return acq
 
 
 def slice_noise_hu(hu: np.ndarray) -> float:
@@ -327,6 +370,7 @@ def build_block(
     rng = np.random.default_rng([cfg.seed, index, 0x51AB])
     split = "val" if rng.random() < cfg.val_fraction else "train"
     acq = draw_acquisition(rng, cfg)
+    acq = fine_sampling(np.random.default_rng([cfg.seed, index, 0xF1E5]), cfg, acq)
     objects, names, anatomies = [], [], []
     for _ in range(cfg.block):
         if rng.random() < cfg.p_phantom or not sources:
