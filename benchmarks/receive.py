@@ -294,6 +294,21 @@ def _report(
         paired = statistics.median(o / t for o, t in zip(orthanc.times[s], q.times[s], strict=True))
         ratio = statistics.median(orthanc.times[s]) / statistics.median(q.times[s])
         print(f"{label}: qgate/Orthanc {ratio:.2f}x (median of per-rep ratios {paired:.2f}x)")
+    # Each rep, every receiver's time, and each variant against the first qgate back to back
+    # (below 1.00x: the variant is slower), so a difference can be read against the spread.
+    print()
+    for s, label in scenarios.items():
+        q = receivers[0]
+        for rx in receivers:
+            times = " ".join(f"{t:.3f}" for t in rx.times[s])
+            line = f"{label} {rx.name}: {times}"
+            if rx is not q and rx is not receivers[-1]:
+                per = [t / v for t, v in zip(q.times[s], rx.times[s], strict=True)]
+                line += (
+                    f"  | vs {q.name} per rep: median {statistics.median(per):.2f}x, "
+                    f"{min(per):.2f}-{max(per):.2f}x"
+                )
+            print(line)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ PINNED: dict[str, str] = {
     "pynetdicom.transport:AssociationServer.service_actions": "0a0853a3615ac7c5260a57dc",
     "pynetdicom.transport:AssociationServer.shutdown": "e8e2c3a41009886d8544d17c",
     "pynetdicom.transport:AssociationSocket": "4f95b1dce6067f32193cb814",
-    "pynetdicom.transport:AssociationSocket.recv": "6bc20a33b1b7cfe76d4ad440",
     "pynetdicom.transport:RequestHandler._create_association": "05c8d12b79863cdbdb901ce3",
     "pynetdicom.transport:RequestHandler.handle": "034823fb4df3a87467bd0d45",
 }
@@ -55,7 +54,6 @@ PINNED: dict[str, str] = {
 SUBCLASSES: tuple[type, ...] = (
     reactor.LowLatencyAssociation,
     reactor.LowLatencyDUL,
-    reactor.BulkRecvSocket,
     reactor.LowLatencyRequestHandler,
     reactor.DeferredHandshakeServer,
     storersp.StoreResponseDIMSE,

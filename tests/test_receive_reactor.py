@@ -8,12 +8,11 @@ import threading
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from qgate.receive import storersp
 from qgate.receive.reactor import (
     STANDARD_LOG_HANDLERS,
-    BulkRecvSocket,
     LowLatencyAssociation,
     LowLatencyDUL,
     start_server,
@@ -62,7 +61,7 @@ def test_associations_use_the_low_latency_loop_and_still_serve_and_release() -> 
         assert released.wait(5)
     finally:
         server.shutdown()
-    types = (LowLatencyAssociation, LowLatencyDUL, BulkRecvSocket, StoreResponseDIMSE)
+    types = (LowLatencyAssociation, LowLatencyDUL, AssociationSocket, StoreResponseDIMSE)
     assert seen == [types] * 3
 
 
@@ -149,8 +148,8 @@ def test_a_peer_abort_ends_the_association() -> None:
 
 
 def test_a_connection_cut_inside_a_pdu_stores_nothing_and_the_server_stays_up() -> None:
-    """BulkRecvSocket returns the short read, pynetdicom sees the PDU is incomplete and
-    closes the association; no C-STORE reaches the handler."""
+    """The socket returns the short read, pynetdicom sees the PDU is incomplete and closes
+    the association; no C-STORE reaches the handler."""
     import struct
 
     stored: list[object] = []

@@ -119,7 +119,7 @@ class AllowedPeer(BaseModel):
 
 #: pynetdicom internals the receive path can replace (qgate.receive.reactor.INTERNALS and
 #: ``file_header``, qgate.receive.part10).
-ReceiveInternal = Literal["reactor", "dul", "recv", "store_response", "file_header"]
+ReceiveInternal = Literal["reactor", "dul", "store_response", "file_header"]
 RECEIVE_INTERNALS: tuple[ReceiveInternal, ...] = get_args(ReceiveInternal)
 
 

@@ -46,7 +46,7 @@ from pynetdicom._handlers import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from qgate.core.config import ReceiveInternal
@@ -73,9 +73,10 @@ ACCEPT_DEFER_SECONDS = 0.002
 
 #: The pynetdicom internals this module can replace, each measured on its own by
 #: ``benchmarks/receive.py --without NAME``: ``reactor`` (:class:`LowLatencyAssociation`),
-#: ``dul`` (:class:`LowLatencyDUL`), ``recv`` (:class:`BulkRecvSocket`),
-#: ``store_response`` (:class:`~qgate.receive.storersp.StoreResponseDIMSE`).
-INTERNALS: tuple[ReceiveInternal, ...] = ("reactor", "dul", "recv", "store_response")
+#: ``dul`` (:class:`LowLatencyDUL`), ``store_response``
+#: (:class:`~qgate.receive.storersp.StoreResponseDIMSE`). A bulk ``recv_into`` socket was
+#: dropped (2026-12-07 19:30, benchmarks/RESULTS.md: 0.99x / 1.01x without it).
+INTERNALS: tuple[ReceiveInternal, ...] = ("reactor", "dul", "store_response")
 
 
 class LowLatencyAssociation(Association):
@@ -199,29 +200,6 @@ class LowLatencyDUL(DULServiceProvider):
             self._wake_w.close()
 
 
-class BulkRecvSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU with as few ``recv`` calls as the kernel allows.
-
-    pynetdicom reads in 4 KiB pieces: a 512 x 512 CT slice took ~130 ``recv`` calls and
-    as many GIL hand-offs. Reading straight into the PDU's buffer takes a few.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = self.socket
-        assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            n = sock.recv_into(view[nr_read:])
-            if not n:  # connection broken: return what was read, as pynetdicom does
-                del view
-                del buf[nr_read:]
-                return buf
-            nr_read += n
-        return buf
-
-
 #: pynetdicom's logging handlers, bound to every association by default. They format
 #: each PDU and DIMSE message whether or not the lines are emitted (~0.2 ms per
 #: instance), so they stay bound only while the ``pynetdicom`` logger shows INFO.
@@ -235,17 +213,16 @@ STANDARD_LOG_HANDLERS: tuple[tuple[evt.EventType, Callable[..., Any]], ...] = (
 
 class LowLatencyRequestHandler(RequestHandler):
     """pynetdicom's request handler, whose associations use :class:`LowLatencyAssociation`,
-    :class:`LowLatencyDUL`, :class:`BulkRecvSocket` and
-    :class:`~qgate.receive.storersp.StoreResponseDIMSE`, without pynetdicom's logging
-    handlers unless the ``pynetdicom`` logger is at INFO or below.
+    :class:`LowLatencyDUL` and :class:`~qgate.receive.storersp.StoreResponseDIMSE`, without
+    pynetdicom's logging handlers unless the ``pynetdicom`` logger is at INFO or below.
 
     A TLS connection is handshaken here, on the connection's own thread (see
     :class:`DeferredHandshakeServer`); one that fails the handshake (a plain-TCP client,
     an untrusted or missing client certificate) is closed before any association exists.
-    The classes above work on the TLS socket unchanged: ``recv_into`` and ``select`` on an
-    ``SSLSocket`` read decrypted data, and pynetdicom's ``ready()`` (called first in
+    The classes above work on the TLS socket unchanged: pynetdicom's reads on an
+    ``SSLSocket`` return decrypted data, and its ``ready()`` (called first in
     :meth:`LowLatencyDUL._is_transport_event`) checks ``pending()`` for bytes already
-    decrypted but not yet read.
+    decrypted but not yet read, which ``select`` on the raw socket would not see.
     """
 
     def handle(self) -> None:
@@ -287,8 +264,6 @@ class LowLatencyRequestHandler(RequestHandler):
         if "dul" in internals:
             assoc.dul.__class__ = LowLatencyDUL
             assoc.dul._prepare()  # type: ignore[attr-defined]
-        if "recv" in internals:
-            assoc.dul.socket.__class__ = BulkRecvSocket  # type: ignore[union-attr]
         if "store_response" in internals:
             assoc.dimse.__class__ = StoreResponseDIMSE
         return assoc
