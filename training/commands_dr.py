@@ -57,7 +57,7 @@ def _threads(n: int) -> None:
     type=float,
     default=0.0,
     show_default=True,
-    help="Probability that a block's scanner samples finer than 0.4 mm pixels (0.35 mm).",
+    help="Probability that a block's scanner samples finer than 0.4 mm pixels (0.3-0.35 mm).",
 )
 @click.option(
     "--pixel-kernels",

@@ -60,8 +60,8 @@ GEOMETRIES: dict[str, ScanParams] = {
     "parallel": ScanParams(geometry="parallel", n_views=368, n_det=640, det_pitch_mm=0.6),
 }
 KERNELS = ("hann:0.5", "smooth", "standard", "hamming", "shepp-logan", "sharp")
-# Scanners that sample finer than the finest reconstruction pixel (0.35 mm at the
-# isocentre; ``p_fine``): the flying focal spot doubles a fan scanner's channels and views,
+# Scanners that sample finer than the finest reconstruction pixel (``p_fine``): the
+# flying focal spot doubles a fan scanner's channels and views (0.35 mm at the isocentre),
 # and a parallel beam with a 0.3 mm pitch. Only these can carry noise up to a 0.4-0.6 mm
 # pixel's Nyquist frequency; on the scanners above (0.6-1.4 mm) it stops at theirs.
 FINE_GEOMETRIES: dict[str, ScanParams] = {
