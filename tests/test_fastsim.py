@@ -305,3 +305,27 @@ def test_fine_sampling_scales_the_photons_with_the_pixel() -> None:
         assert acq.geometry in FINE_GEOMETRIES and acq.geometry not in GEOMETRIES
         assert acq.output == pytest.approx(base.output * (0.7 / base.pixel_mm) ** 3)
         assert acq.kernel.split(":")[0] in ("hann", "cosine", "hamming", "shepp-logan", "ramp")
+
+
+def test_a_textured_object_keeps_part_of_the_source_noise() -> None:
+    """``p_texture``: a weaker denoise leaves the source's own noise in the object (and so
+    in the label's reference); the default (3x its noise) removes it."""
+    import numpy as np
+
+    from training.datasets.randomized import OBJECT_N, clean_object
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256] - 127.5
+    body = (yy**2 + xx**2) < 110**2
+    src = np.where(body, 40.0 + rng.normal(0.0, 20.0, (256, 256)), -1024.0).astype(np.float32)
+    core = np.zeros((OBJECT_N, OBJECT_N), bool)
+    c = OBJECT_N // 2
+    core[c - 40 : c + 40, c - 40 : c + 40] = True
+
+    def texture(strength: float) -> float:
+        obj = clean_object(src, 1.0, real=True, strength=strength)
+        return float(obj[core].std())
+
+    clean, weak, raw = texture(3.0), texture(1.0), texture(0.0)
+    assert clean < 6.0 < weak < raw  # HU
+    assert raw == pytest.approx(20.0, rel=0.1)  # no filter: the source as it is

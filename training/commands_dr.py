@@ -66,6 +66,14 @@ def _threads(n: int) -> None:
     show_default=True,
     help="Probability that a block's kernel is set in the pixel's frequency (lp/cm).",
 )
+@click.option(
+    "--texture",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a real slice keeps part of its own texture in the object "
+    "(bilateral at 0-1.5x its noise, not 3x).",
+)
 def build_randomized_cmd(
     out: str,
     blocks: int,
@@ -78,6 +86,7 @@ def build_randomized_cmd(
     sparse_per_block: int,
     fine: float,
     pixel_kernels: float,
+    texture: float,
 ) -> None:
     """Domain-randomised MD-IQA / Noise2Quality data (resumable)."""
     from training.datasets.randomized import RandomizedConfig, build_randomized
@@ -92,6 +101,7 @@ def build_randomized_cmd(
         sparse_per_block=sparse_per_block,
         p_fine=fine,
         pixel_kernels=pixel_kernels,
+        p_texture=texture,
     )
     made = build_randomized(out, cfg, worker=_worker(worker), echo=click.echo)
     click.echo(f"made {made} blocks")

@@ -127,6 +127,11 @@ class RandomizedConfig:
     # rebuild the same blocks).
     p_fine: float = 0.0
     pixel_kernels: float = 0.0
+    # ``p_texture``: probability that a real slice is made an object with a weaker denoise
+    # (bilateral at 0-1.5x its noise instead of 3x; 0: none), so the object, and hence the
+    # reference, keeps part of the source's own texture as structure, as a reference made
+    # from a real slice by another simulator does. Off by default (own random stream).
+    p_texture: float = 0.0
     val_fraction: float = 0.12  # top of each volume: val slices, never trained on
     sources: tuple[str, ...] = ()  # empty: every train source in the manifest
     realct_dir: str = ".cache/realct"
@@ -240,16 +245,21 @@ def slice_noise_hu(hu: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(r - np.median(r))) / 0.8)
 
 
-def clean_object(hu: np.ndarray, pixel_mm: float, *, real: bool) -> np.ndarray:
-    """A source slice -> a noiseless object on the OBJECT_N grid at OBJECT_MM (HU)."""
+def clean_object(
+    hu: np.ndarray, pixel_mm: float, *, real: bool, strength: float = 3.0
+) -> np.ndarray:
+    """A source slice -> a noiseless object on the OBJECT_N grid at OBJECT_MM (HU).
+
+    ``strength``: the bilateral filter's range sigma in units of the slice's own noise (3:
+    the noise is removed; smaller keeps part of it as texture; 0: no filter)."""
     import cv2
     from scipy.ndimage import zoom
 
     img = np.clip(hu.astype(np.float32), -1024, 3071)
-    if real:
+    if real and strength > 0:
         s = max(slice_noise_hu(img), 3.0)
         for _ in range(2):
-            img = cv2.bilateralFilter(img, d=5, sigmaColor=3 * s, sigmaSpace=1.5)
+            img = cv2.bilateralFilter(img, d=5, sigmaColor=strength * s, sigmaSpace=1.5)
     f = pixel_mm / OBJECT_MM
     img = zoom(img, f, order=1, mode="nearest", grid_mode=True) if abs(f - 1) > 1e-3 else img
     out = np.full((OBJECT_N, OBJECT_N), -1024.0, np.float32)
@@ -371,6 +381,7 @@ def build_block(
     split = "val" if rng.random() < cfg.val_fraction else "train"
     acq = draw_acquisition(rng, cfg)
     acq = fine_sampling(np.random.default_rng([cfg.seed, index, 0xF1E5]), cfg, acq)
+    trng = np.random.default_rng([cfg.seed, index, 0x7E27])  # own stream: see p_texture
     objects, names, anatomies = [], [], []
     for _ in range(cfg.block):
         if rng.random() < cfg.p_phantom or not sources:
@@ -381,8 +392,10 @@ def build_block(
             anatomies.append(vol.region)
         else:
             ((src, k),) = pick_slices(rng, sources, cfg, split, 1)
-            objects.append(clean_object(src.hu[k], src.spacing[1], real=True))
-            names.append(f"{src.name}:{k}")
+            textured, weak = trng.random() < cfg.p_texture, float(trng.uniform(-0.5, 1.5))
+            strength = max(0.0, weak) if textured else 3.0
+            objects.append(clean_object(src.hu[k], src.spacing[1], real=True, strength=strength))
+            names.append(f"{src.name}:{k}" + (f":t{strength:.2f}" if textured else ""))
             anatomies.append(src.anatomy)
     hu = torch.from_numpy(np.stack(objects))
     key = acq.geometry
