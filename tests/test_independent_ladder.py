@@ -73,3 +73,26 @@ def test_no_model_is_constant_on_a_ladder(
         for ladder in ("dose", "views"):
             vals = [r[measure] for r in _ladder(ladder_scores, rng, ladder)]
             assert np.ptp(vals) > 1e-3, (measure, rng, ladder, vals)
+
+
+def test_region_bias_adds_up_to_the_whole_slice_error() -> None:
+    """The per-region table of the N2Q map's error: the regions' contributions sum to the
+    error of the whole-slice mean, and the reference's classes are what they say."""
+    from training.independent import REGIONS, RegionBias, Series, regions
+
+    ref = np.full((64, 64), 40.0, np.float32)  # flat soft tissue
+    ref[:, :16] = -1000.0  # air: clipped
+    ref[20:44, 30:34] = 140.0  # a 100 HU bar: busy around it
+    cls = regions(ref)
+    assert cls[5, 5] == REGIONS.index("clipped") and cls[60, 60] == REGIONS.index("flat")
+    assert cls[30, 31] == REGIONS.index("busy")
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.2, 1.0, (1, 64, 64)).astype(np.float32)
+    pred = np.clip(truth + rng.normal(0.05, 0.1, truth.shape), 0, 1).astype(np.float32)
+    s = Series("a", "routine", "dose", 1.0, 1, ref[None], 0.7, 0.0, 0.0, 0.0, truth, cls[None])
+    bias = RegionBias()
+    bias.add(s, pred)
+    rows = [r for r in bias.table()["routine"] if r["anatomy"] == "all"]
+    assert [r["region"] for r in rows] == list(REGIONS)  # all four occur here
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["contribution"] for r in rows) == pytest.approx(float((pred - truth).mean()))

@@ -166,14 +166,38 @@ def acquire(line: np.ndarray, i0: float, sigma_e: float, rng: np.random.Generato
     return -np.log(np.clip(counts, 1.0, None) / i0)
 
 
-def truth_ssim(low: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """Whole-slice and body mean SSIM (C40/W400) of one slice against its reference."""
+def _win(x: np.ndarray) -> np.ndarray:
+    c, w = WINDOW
+    return np.clip((x - (c - w / 2)) / w, 0.0, 1.0)
+
+
+# Where a predicted SSIM map errs, by what the reference shows under each pixel (in the
+# window): ``clipped`` (below its floor or above its top: SSIM ~1 at any noise), and by the
+# local std of the reference over 7 x 7 pixels: ``flat`` (< 8 HU, where SSIM falls fastest
+# with noise), ``mid``, ``busy`` (>= 20 HU: edges and texture, SSIM stays high).
+REGIONS = ("clipped", "flat", "mid", "busy")
+
+
+def regions(ref: np.ndarray) -> np.ndarray:
+    """(N, N) uint8 index into :data:`REGIONS` for one reference slice (HU)."""
+    from scipy.ndimage import uniform_filter
+
+    rw = _win(ref.astype(np.float64))
+    m = uniform_filter(rw, 7)
+    sd = np.sqrt(np.clip(uniform_filter(rw * rw, 7) - m * m, 0.0, None))
+    out = np.where(sd < 8 / WINDOW[1], 1, np.where(sd < 20 / WINDOW[1], 2, 3))
+    out[(rw <= 0.0) | (rw >= 1.0)] = 0
+    return out.astype(np.uint8)
+
+
+def truth_ssim(
+    low: np.ndarray, ref: np.ndarray, *, full: bool = False
+) -> tuple[float, float] | tuple[float, float, np.ndarray]:
+    """Whole-slice and body mean SSIM (C40/W400) of one slice against its reference, and
+    with ``full`` the SSIM map."""
     from skimage.metrics import structural_similarity
 
-    c, w = WINDOW
-
-    def win(x: np.ndarray) -> np.ndarray:
-        return np.clip((x - (c - w / 2)) / w, 0.0, 1.0)
+    win = _win
 
     _, smap = structural_similarity(
         win(low),
@@ -185,7 +209,8 @@ def truth_ssim(low: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
         full=True,
     )
     body = ref > -500
-    return float(smap.mean()), float(smap[body].mean() if body.any() else smap.mean())
+    means = float(smap.mean()), float(smap[body].mean() if body.any() else smap.mean())
+    return (*means, smap.astype(np.float32)) if full else means
 
 
 @dataclass
@@ -200,6 +225,8 @@ class Series:
     ssim: float
     ssim_body: float
     noise_hu: float  # std(series - reference) over soft tissue: the added noise
+    truth_map: np.ndarray | None = None  # (S, N, N) SSIM map against the reference
+    regions: np.ndarray | None = None  # (S, N, N) uint8 index into REGIONS
 
 
 def simulate_anatomy(a: EvalAnatomy, rng_seed: int = 0) -> list[Series]:
@@ -211,16 +238,18 @@ def simulate_anatomy(a: EvalAnatomy, rng_seed: int = 0) -> list[Series]:
         views -= views % 16
         lines = [project(s, a.pixel_mm, views) for s in a.hu]
         refs = [reconstruct(ln, a.pixel_mm, r.kernel) for ln in lines]
+        classes = np.stack([regions(ref) for ref in refs])
         rng = np.random.default_rng([rng_seed, zlib.crc32(a.name.encode()), len(r.name)])
         # one acquisition per dose (independent noise, as separate scans would be)
         plan = [("dose", d, 1) for d in DOSES] + [("views", 1.0, k) for k in VIEW_STEPS[1:]]
         for ladder_name, d, k in plan:
-            imgs, ss, sb, nz = [], [], [], []
+            imgs, ss, sb, nz, maps = [], [], [], [], []
             for ln, ref in zip(lines, refs, strict=True):
                 low = reconstruct(acquire(ln, r.i0 * d, r.sigma_e, rng), a.pixel_mm, r.kernel, k)
-                s1, s2 = truth_ssim(low, ref)
+                s1, s2, smap = truth_ssim(low, ref, full=True)
                 soft = (ref > -150) & (ref < 150)
                 imgs.append(low.astype(np.float32))
+                maps.append(smap)
                 ss.append(s1)
                 sb.append(s2)
                 nz.append(float((low - ref)[soft].std()) if soft.sum() > 50 else math.nan)
@@ -236,6 +265,8 @@ def simulate_anatomy(a: EvalAnatomy, rng_seed: int = 0) -> list[Series]:
                     float(np.mean(ss)),
                     float(np.mean(sb)),
                     float(np.nanmean(nz)),
+                    np.stack(maps),
+                    classes,
                 )
             )
     return out
@@ -271,12 +302,67 @@ def qgate_scorers(weights_dir: str | Path | None = None) -> dict[str, Scorer]:
             scorers["noise"].score(vol).series.get("noise_sigma_hu", math.nan)
         )
         res["MD-IQA score"] = float(scorers["mdiqa"].score(vol).series["score"])
-        n2q = scorers["n2q"].score(vol).series
+        n2q_out = scorers["n2q"].score(vol)
+        n2q = n2q_out.series
         res["N2Q mean quality"] = float(n2q["mean_quality"])
         res["N2Q dose class"] = float(n2q.get("dose_class") or math.nan)
+        maps = [m.values for m in n2q_out.maps if m.name == "quality"]
+        if maps:
+            res[N2Q_MAP] = np.clip(maps[0], 0.0, 1.0)  # type: ignore[assignment]
         return res
 
     return {"qgate": run}
+
+
+N2Q_MAP = "N2Q map"  # a scorer result's key for the (S, N, N) map; not a row value
+
+
+class RegionBias:
+    """Sums of the true and the N2Q-predicted SSIM per (range, anatomy, region)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def add(self, s: Series, pred: np.ndarray) -> None:
+        if s.truth_map is None or s.regions is None or pred.shape != s.truth_map.shape:
+            return
+        for k in range(len(REGIONS)):
+            m = s.regions == k
+            acc = self.sums.setdefault((s.range, s.anatomy, k), np.zeros(3))
+            acc += (m.sum(), s.truth_map[m].sum(), pred[m].sum())
+
+    def table(self) -> dict[str, list[dict[str, Any]]]:
+        """Per range: one row per region and anatomy (``all``: pooled), the share of
+        pixels, the mean true and predicted SSIM and their difference."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for rng_name in sorted({k[0] for k in self.sums}):
+            rows = []
+            names = sorted({k[1] for k in self.sums if k[0] == rng_name})
+            for name in ["all", *names]:
+                tot = sum(
+                    v[0] for k, v in self.sums.items() if k[0] == rng_name and name in ("all", k[1])
+                )
+                for k, region in enumerate(REGIONS):
+                    n, t, p = sum(
+                        (v for kk, v in self.sums.items()
+                         if kk[0] == rng_name and kk[2] == k and name in ("all", kk[1])),
+                        np.zeros(3),
+                    )  # fmt: skip
+                    if n:
+                        rows.append(
+                            {
+                                "anatomy": name,
+                                "region": region,
+                                "share": float(n / tot),
+                                "true": float(t / n),
+                                "n2q": float(p / n),
+                                "bias": float((p - t) / n),
+                                # what this region adds to the whole-slice mean's error
+                                "contribution": float((p - t) / tot),
+                            }
+                        )
+            out[rng_name] = rows
+        return out
 
 
 # higher = better for every reported measure; the noise sigma is negated
@@ -362,10 +448,14 @@ def run_independent(
     echo(f"{len(anatomies)} held-out anatomies: {', '.join(a.name for a in anatomies)}")
     score = qgate_scorers(weights_dir)["qgate"]
     rows: list[dict[str, Any]] = []
+    bias = RegionBias()
     for a in anatomies:
         for s in simulate_anatomy(a):
-            r = {k: v for k, v in asdict(s).items() if k != "hu"}
+            r = {k: v for k, v in asdict(s).items() if k not in ("hu", "truth_map", "regions")}
             r.update(score(s.hu, s.pixel_mm))
+            pred = r.pop(N2Q_MAP, None)
+            if pred is not None:
+                bias.add(s, pred)
             r["n"] = int(s.hu.shape[-1])
             rows.append(r)
             echo(
@@ -389,6 +479,7 @@ def run_independent(
         ],
         "rows": rows,
         "reports": {k: asdict(v) for k, v in reports.items()},
+        "n2q_regions": bias.table(),
     }
     (out / "independent.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "INDEPENDENT.md").write_text(markdown(result))
@@ -444,7 +535,36 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {x['anatomy']} | {x['ladder']} | {x['measure']} | {vals} | {tru} | "
                 f"{'yes' if x['monotone'] else '**no**'} |"
             )
-    return "\n".join(lines) + "\n"
+    regions_md = _regions_markdown(result.get("n2q_regions") or {})
+    return "\n".join(lines + regions_md) + "\n"
+
+
+def _regions_markdown(table: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not table:
+        return []
+    lines = [
+        "",
+        "## Where the Noise2Quality map errs",
+        "",
+        "Each pixel of every series by what the reference shows there in the window: "
+        "`clipped` (below -160 or above 240 HU), else the reference's local std over 7 x 7 "
+        "pixels: `flat` (< 8 HU), `mid`, `busy` (>= 20 HU). Bias: mean predicted minus "
+        "true SSIM; contribution: that region's share of the error of the whole-slice mean.",
+    ]
+    for rng_name, rows in table.items():
+        lines += [
+            "",
+            f"### {rng_name} range",
+            "",
+            "| anatomy | region | share of pixels | true SSIM | N2Q | bias | contribution |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for x in rows:
+            lines.append(
+                f"| {x['anatomy']} | {x['region']} | {x['share']:.2f} | {x['true']:.3f} | "
+                f"{x['n2q']:.3f} | {x['bias']:+.3f} | {x['contribution']:+.3f} |"
+            )
+    return lines
 
 
 # ------------------------------------------------------------------------- Chest CT-IQA
@@ -622,6 +742,7 @@ def run_gate_cases(
     for a in load_eval_anatomies(realct):
         for r in gate_series(a):
             r.update(score(r.pop("hu"), r["pixel_mm"]))
+            r.pop(N2Q_MAP, None)
             rows.append(r)
             echo(f"{a.name} {r['case']}: " + ", ".join(f"{k} {r[k]:.3f}" for k in ORIENT))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
