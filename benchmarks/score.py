@@ -19,6 +19,8 @@ to what the worker resolves for the device (``queue.prefetch``, ``queue.decode_p
 The shipped weights (qgate/weights/) are used when present; otherwise (or with
 ``--random``) random-init weights of the chosen variants are written to a temporary folder
 and the output says so (the speed is that of the variant; the scores are meaningless).
+``--weights-dir DIR`` scores with ``DIR/<model>.safetensors`` instead, where present: run
+with and without it for a same-run reference of two weight sets.
 
     .venv/bin/python benchmarks/score.py --slices 200 --threads 2
     .venv/bin/python benchmarks/score.py --device cuda --slices 512 --max-slices all
@@ -183,6 +185,13 @@ def main() -> None:
         "--random", action="store_true", help="random-init weights even if shipped ones exist"
     )
     ap.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        help="score with DIR/<model>.safetensors where present instead of the shipped file "
+        "(run once with and once without it for a same-run reference of two weight sets)",
+    )
+    ap.add_argument(
         "--max-slices",
         default=None,
         help="slices the per-slice models score, or 'all' (default: each model's default)",
@@ -229,6 +238,15 @@ def main() -> None:
         weights: dict[str, Path | None] = {f: None for f in LEARNED_SCORERS}
         variants: dict[str, str | None] = {f: None for f in LEARNED_SCORERS}
         notes = []
+        if args.weights_dir is not None:
+            if not args.weights_dir.is_dir():
+                ap.error(f"--weights-dir {args.weights_dir} is not a folder")
+            for f in LEARNED_SCORERS:
+                other = args.weights_dir / f"{f}.safetensors"
+                if other.is_file() and f not in missing:
+                    weights[f] = other.resolve()
+            used = [f for f in LEARNED_SCORERS if weights[f] is not None]
+            notes.append(f"weights from {args.weights_dir}: {', '.join(used) or 'none'}")
         if missing:
             rand = _random_weights(work / "weights", {f: chosen[f] for f in missing})
             for f, p in rand.items():
