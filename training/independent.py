@@ -172,9 +172,10 @@ def _win(x: np.ndarray) -> np.ndarray:
 
 
 # Where a predicted SSIM map errs, by what the reference shows under each pixel (in the
-# window): ``clipped`` (below its floor or above its top: SSIM ~1 at any noise), and by the
-# local std of the reference over 7 x 7 pixels: ``flat`` (< 8 HU, where SSIM falls fastest
-# with noise), ``mid``, ``busy`` (>= 20 HU: edges and texture, SSIM stays high).
+# window): ``clipped`` (below its floor or above its top: SSIM near 1 unless the noise
+# crosses the window's edge), else by the reference's local std over 7 x 7 pixels: ``flat``
+# (< 8 HU, where SSIM falls fastest with noise), ``mid``, ``busy`` (>= 20 HU: edges and
+# texture, SSIM stays high).
 REGIONS = ("clipped", "flat", "mid", "busy")
 
 
@@ -197,11 +198,9 @@ def truth_ssim(
     with ``full`` the SSIM map."""
     from skimage.metrics import structural_similarity
 
-    win = _win
-
     _, smap = structural_similarity(
-        win(low),
-        win(ref),
+        _win(low),
+        _win(ref),
         data_range=1.0,
         gaussian_weights=True,
         sigma=1.5,
@@ -318,7 +317,8 @@ N2Q_MAP = "N2Q map"  # a scorer result's key for the (S, N, N) map; not a row va
 
 
 class RegionBias:
-    """Sums of the true and the N2Q-predicted SSIM per (range, anatomy, region)."""
+    """Sums of the true and the N2Q-predicted SSIM per (range, anatomy, region), with the
+    anatomies also pooled as ``all``."""
 
     def __init__(self) -> None:
         self.sums: dict[tuple[str, str, int], np.ndarray] = {}
@@ -328,26 +328,23 @@ class RegionBias:
             return
         for k in range(len(REGIONS)):
             m = s.regions == k
-            acc = self.sums.setdefault((s.range, s.anatomy, k), np.zeros(3))
-            acc += (m.sum(), s.truth_map[m].sum(), pred[m].sum())
+            got = np.array([m.sum(), s.truth_map[m].sum(), pred[m].sum()], dtype=np.float64)
+            for name in (s.anatomy, "all"):
+                self.sums.setdefault((s.range, name, k), np.zeros(3))
+                self.sums[(s.range, name, k)] += got
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
-        """Per range: one row per region and anatomy (``all``: pooled), the share of
-        pixels, the mean true and predicted SSIM and their difference."""
+        """Per range: one row per anatomy (``all`` first) and region: the share of pixels,
+        the mean true and predicted SSIM, their difference, and what the region adds to
+        the error of the whole-slice mean."""
         out: dict[str, list[dict[str, Any]]] = {}
         for rng_name in sorted({k[0] for k in self.sums}):
+            names = sorted({k[1] for k in self.sums if k[0] == rng_name} - {"all"})
             rows = []
-            names = sorted({k[1] for k in self.sums if k[0] == rng_name})
             for name in ["all", *names]:
-                tot = sum(
-                    v[0] for k, v in self.sums.items() if k[0] == rng_name and name in ("all", k[1])
-                )
-                for k, region in enumerate(REGIONS):
-                    n, t, p = sum(
-                        (v for kk, v in self.sums.items()
-                         if kk[0] == rng_name and kk[2] == k and name in ("all", kk[1])),
-                        np.zeros(3),
-                    )  # fmt: skip
+                per = [self.sums.get((rng_name, name, k), np.zeros(3)) for k in range(len(REGIONS))]
+                tot = sum(v[0] for v in per)
+                for region, (n, t, p) in zip(REGIONS, per, strict=True):
                     if n:
                         rows.append(
                             {
@@ -357,7 +354,6 @@ class RegionBias:
                                 "true": float(t / n),
                                 "n2q": float(p / n),
                                 "bias": float((p - t) / n),
-                                # what this region adds to the whole-slice mean's error
                                 "contribution": float((p - t) / tot),
                             }
                         )
