@@ -92,6 +92,22 @@ def test_prepare_n2q_input() -> None:
     assert prepare_n2q_input(hu[0], N2QInputConfig(size=32, highpass=False)).shape == (1, 1, 32, 32)
 
 
+def test_n2q_local_std_channel_reads_the_label_windows_local_std() -> None:
+    """The channel is 4 x the local std in the label's C40/W400 window: zero on a constant
+    slice, ~20/400 x 4 on 20 HU of white noise, and the std of an edge where there is one."""
+    cfg = N2QInputConfig(local_std=True)
+    assert cfg.in_chans == 3
+    flat = prepare_n2q_input(np.full((1, 48, 48), 40.0, np.float32), cfg)
+    assert flat.shape == (1, 3, 48, 48) and float(flat[:, 2].abs().max()) < 1e-6
+    noise = np.random.default_rng(0).normal(40, 20, (2, 96, 96)).astype(np.float32)
+    got = float(prepare_n2q_input(noise, cfg)[:, 2, 8:-8, 8:-8].mean())
+    assert 0.17 < got < 0.21  # a Gaussian-weighted sample std reads a little under 0.2
+    edge = np.full((1, 48, 48), 0.0, np.float32)
+    edge[:, :, 24:] = 200.0  # 0.5 of the window apart: 4 x std ~1 at the edge, 0 far off
+    ch = prepare_n2q_input(edge, cfg)[0, 2]
+    assert float(ch[:, 23].min()) > 0.7 and float(ch[:, 4].max()) < 1e-6
+
+
 def test_prepare_chest_input_noise_channel_tracks_noise() -> None:
     rng = np.random.default_rng(0)
     cfg = ChestInputConfig(depth=4, size=32)

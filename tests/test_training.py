@@ -339,3 +339,23 @@ def test_shipped_weights_load_match_their_cards_and_fit_the_budget() -> None:
     md = load_mdiqa(WEIGHTS / "mdiqa.safetensors")
     x = torch.zeros(1, md.cfg.in_chans, md.cfg.img_size, md.cfg.img_size)
     assert md(x).shape == (1, md.cfg.num_scales, md.cfg.num_bins)
+
+
+def test_n2q_gains_the_local_std_channel_without_changing_its_map() -> None:
+    """``fit-randomized n2q --local-std`` starts from the shipped weights with a third
+    input channel whose first-conv weights are zero: the starting map is the shipped one."""
+    from qgate.models.preprocess import prepare_n2q_input
+    from qgate.score.scorers.learned import default_weights_path, load_model
+    from training.fit.randomized import DRFitConfig, initial_model
+
+    old = load_model("n2q", default_weights_path("n2q"))
+    new = initial_model(DRFitConfig("n2q", local_std=True)).eval()
+    assert new.cfg.input.local_std and new.cfg.in_chans == old.cfg.in_chans + 1
+    hu = np.random.default_rng(1).normal(40, 30, (2, 96, 96)).astype(np.float32)
+    hu[:, :, :30] = -1000.0  # air beside tissue: both channels carry structure
+    with torch.no_grad():
+        a = old(prepare_n2q_input(hu, old.cfg.input)).quality_map
+        b = new(prepare_n2q_input(hu, new.cfg.input)).quality_map
+    assert torch.allclose(a, b, atol=1e-5)
+    first = next(p for p in new.parameters() if p.ndim == 4)
+    assert first.shape[1] == 3 and float(first[:, 2].abs().max()) == 0.0

@@ -205,6 +205,11 @@ def build_chest_cmd(
     show_default=True,
     help="Weight of a ranking loss on pairs of one crop at two qualities (--paired data).",
 )
+@click.option(
+    "--local-std",
+    is_flag=True,
+    help="N2Q: add the local-std input channel (zero-initialised) to the starting weights.",
+)
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -219,6 +224,7 @@ def fit_randomized_cmd(
     select: str,
     balance: float,
     rank: float,
+    local_std: bool,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
@@ -235,6 +241,7 @@ def fit_randomized_cmd(
         select=select,
         balance=balance,
         rank=rank,
+        local_std=local_std,
     )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 

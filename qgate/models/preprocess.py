@@ -296,6 +296,14 @@ class N2QInputConfig:
         more air on some anatomies than others). ``None``: the network's map everywhere.
     floor_support : int
         Side of that support in pixels: the label SSIM's Gaussian window (11 px).
+    local_std : bool
+        OUR choice (issue 10, round 12): add a channel with the local standard deviation
+        of the slice in the label's window (C40/W400, clipped) under the label SSIM's
+        Gaussian (sigma 1.5 px), x 4. SSIM's contrast-structure term is set by the local
+        variance of the reference against that of the noise; the image shows their sum,
+        and a ReLU network forms a local variance (a square) only approximately. Without
+        it the map read noise alone and came out nearly the same over flat tissue and
+        edges at one noise level (round 11's region table). ``False``: 2 channels.
     """
 
     window_center: float = 40.0
@@ -308,6 +316,7 @@ class N2QInputConfig:
     tile_stride: int | None = None
     floor_hu: float | None = -160.0
     floor_support: int = 11
+    local_std: bool = False
 
     def __post_init__(self) -> None:
         if self.floor_support < 1 or self.floor_support % 2 == 0:
@@ -325,7 +334,22 @@ class N2QInputConfig:
 
     @property
     def in_chans(self) -> int:
-        return 2 if self.highpass else 1
+        return (2 if self.highpass else 1) + int(self.local_std)
+
+
+# the label's window and SSIM Gaussian (qgate.core.physics.ssim_map), for ``local_std``
+LABEL_WINDOW = (40.0, 400.0)
+SSIM_SIGMA = 1.5
+
+
+def local_std_channel(t: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(S, H, W) HU -> (S, 1, H', W'): 4 x the local std in the label's window."""
+    lw = window(t, *LABEL_WINDOW)
+    if size is not None:
+        lw = resize2d(lw, size)
+    # radius 5: the label SSIM's 11 px window
+    m = gaussian_blur(torch.stack([lw, lw * lw], 1), SSIM_SIGMA, radius=5)
+    return (4.0 * (m[:, 1] - m[:, 0] ** 2).clamp_min(0.0).sqrt())[:, None]
 
 
 def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
@@ -333,8 +357,8 @@ def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
 
     Order: window to [0, 1] (clipped), resize to ``size`` when set (anti-aliased
     bilinear; ``None`` keeps the native grid, H' = H), then the high-pass of the windowed
-    image as channel 1 — the image and its high-pass live on the same grid as the
-    predicted SSIM map. Runs on ``hu``'s device.
+    image as channel 1 (and with ``cfg.local_std`` the local std as the last channel) —
+    all on the grid of the predicted SSIM map. Runs on ``hu``'s device.
     """
     t = as_tensor(hu)
     if t.ndim == 2:
@@ -345,10 +369,12 @@ def prepare_n2q_input(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor:
     if cfg.size is not None:
         img = resize2d(img, cfg.size)
     img = img[:, None]
-    if not cfg.highpass:
-        return img.contiguous()
-    hp = high_pass(img, sigma=cfg.highpass_sigma, factor=cfg.highpass_factor)
-    return torch.cat([img, hp], dim=1)
+    chans = [img]
+    if cfg.highpass:
+        chans.append(high_pass(img, sigma=cfg.highpass_sigma, factor=cfg.highpass_factor))
+    if cfg.local_std:
+        chans.append(local_std_channel(t, cfg.size))
+    return torch.cat(chans, dim=1) if len(chans) > 1 else img.contiguous()
 
 
 def below_floor(hu: ArrayLike, cfg: N2QInputConfig) -> torch.Tensor | None:

@@ -70,6 +70,9 @@ class DRFitConfig:
     # view steps of the same acquisition), pushed apart by at least half their label
     # difference, so a fine-tune cannot flatten a ladder the labels order. 0: off.
     rank: float = 0.0
+    # N2Q only: add the local-std input channel (N2QInputConfig.local_std) to a model that
+    # lacks it; its weights in the first conv start at zero, so step 0 is the old model
+    local_std: bool = False
 
 
 def dose_class(eff_dose: torch.Tensor, levels: Sequence[int] = DOSE_LEVELS) -> torch.Tensor:
@@ -188,8 +191,19 @@ def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
         return base
     # served as windows of the training crop size (round 4; N2QInputConfig.tile)
     serve = replace(base.cfg.input, tile=cfg.crop, tile_stride=cfg.crop * 3 // 4)
+    if cfg.local_std:
+        serve = replace(serve, local_std=True)
     model = create_model("n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve)
-    model.load_state_dict(base.state_dict())
+    state = base.state_dict()
+    for key, w in model.state_dict().items():
+        old = state[key]
+        if old.shape != w.shape:  # the first conv gains the new channel(s): zero weights
+            if old.ndim != 4 or old.shape[1] >= w.shape[1] or old.shape[0] != w.shape[0]:
+                raise ValueError(f"{key}: cannot widen {tuple(old.shape)} to {tuple(w.shape)}")
+            grown = torch.zeros_like(w)
+            grown[:, : old.shape[1]] = old
+            state[key] = grown
+    model.load_state_dict(state)
     return model
 
 
