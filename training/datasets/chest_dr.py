@@ -368,22 +368,3 @@ def noise_dose_classes(
         if len(d.get("noise_hu", [])):
             d["dose_class"] = (d["noise_hu"].double() / d["kernel_gain"].double() < tau).long()
     return tau
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="domain-randomised Chest CT-IQA data")
-    ap.add_argument("out")
-    ap.add_argument("--blocks", type=int, default=ChestDRConfig.n_blocks)
-    ap.add_argument("--worker", default="0/1")
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    w, n = (int(v) for v in a.worker.split("/"))
-    print(f"made {build_chest_dr(a.out, ChestDRConfig(n_blocks=a.blocks), worker=(w, n))}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -570,29 +570,3 @@ def load_blocks(root: str | Path, split: str) -> dict[str, Any]:
     out: dict[str, Any] = {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
     out["metas"] = metas
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out")
-    ap.add_argument("--blocks", type=int, default=RandomizedConfig.n_blocks)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--worker", default="0/1", help="w/n: build blocks i with i %% n == w")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--paired", action="store_true", help="same crop places in every image")
-    ap.add_argument("--sparse-per-block", type=int, default=1)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    w, n = (int(v) for v in a.worker.split("/"))
-    cfg = RandomizedConfig(
-        n_blocks=a.blocks, seed=a.seed, paired=a.paired, sparse_per_block=a.sparse_per_block
-    )
-    made = build_randomized(a.out, cfg, worker=(w, n))
-    print(f"made {made} blocks")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
