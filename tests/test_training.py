@@ -359,3 +359,25 @@ def test_n2q_gains_the_local_std_channel_without_changing_its_map() -> None:
     assert torch.allclose(a, b, atol=1e-5)
     first = next(p for p in new.parameters() if p.ndim == 4)
     assert first.shape[1] == 3 and float(first[:, 2].abs().max()) == 0.0
+
+
+def test_mdiqa_gains_the_local_std_channel_without_changing_its_score() -> None:
+    """The same for MD-IQA: [wide, soft] becomes [wide, local std, soft] with zero weights
+    for the new channel in both stems, so the starting scores are the shipped ones."""
+    from qgate.models.mdiqa import mdiqa_crops, predict_soft, resolve_data_config
+    from qgate.score.scorers.learned import default_weights_path, load_model
+    from training.fit.randomized import DRFitConfig, initial_model
+
+    old = initial_model(DRFitConfig("mdiqa")).eval()
+    new = initial_model(DRFitConfig("mdiqa", local_std=True)).eval()
+    assert load_model("mdiqa", default_weights_path("mdiqa")).cfg.in_chans == 2
+    assert new.cfg.in_chans == 3 and new.cfg.local_std
+    hu = np.random.default_rng(2).normal(40, 25, (2, 200, 200)).astype(np.float32)
+    hu[:, :60] = -1000.0
+    with torch.no_grad():
+        xo = mdiqa_crops(hu, resolve_data_config(old))
+        xn = mdiqa_crops(hu, resolve_data_config(new))
+        assert xn.shape[2] == 3 and torch.equal(xn[:, :, [0, 2]], xo)
+        a = predict_soft(old(xo.flatten(0, 1)))
+        b = predict_soft(new(xn.flatten(0, 1)))
+    assert torch.allclose(a, b, atol=1e-4)

@@ -208,7 +208,7 @@ def build_chest_cmd(
 @click.option(
     "--local-std",
     is_flag=True,
-    help="N2Q: add the local-std input channel (zero-initialised) to the starting weights.",
+    help="Add the local-std input channel (zero-initialised) to the starting weights.",
 )
 def fit_randomized_cmd(
     family: str,

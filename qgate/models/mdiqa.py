@@ -82,7 +82,13 @@ from qgate.models.layers import (
     StatNorm,
     texture_log_energy,
 )
-from qgate.models.preprocess import ArrayLike, as_tensor, hu_to_unit, resize2d
+from qgate.models.preprocess import (
+    ArrayLike,
+    as_tensor,
+    hu_to_unit,
+    local_std_channel,
+    resize2d,
+)
 
 __all__ = [
     "CROP_OFFSETS",
@@ -166,6 +172,11 @@ class MDIQAConfig:
     # Without them the tiny model's training loss did not fall below predicting the mean
     # in 600 steps on 2 CPU cores; with them it did in 150 (training/reports/NOTES.md).
     noise_stats: bool = True
+    # A local-std channel between the two windows (ours, issue 10 round 12; needs
+    # ``in_chans=3``): 4 x the local std of the slice in the label's C40/W400 window under
+    # the label SSIM's Gaussian (:func:`qgate.models.preprocess.local_std_channel`), what
+    # SSIM's contrast term weighs the noise against. The soft-tissue window stays last.
+    local_std: bool = False
 
     def __post_init__(self) -> None:
         # YAML/JSON give lists: store tuples so configs stay hashable and comparable.
@@ -175,6 +186,8 @@ class MDIQAConfig:
                 object.__setattr__(self, f.name, tuple(v))
         if self.in_chans not in (1, 2, 3):
             raise ValueError(f"in_chans must be 1, 2 or 3, got {self.in_chans}")
+        if self.local_std and (self.in_chans != 3 or self.crop_mode == "resize"):
+            raise ValueError("local_std needs in_chans=3 and native or grid crops")
         if self.crop_mode not in ("native", "grid", "resize"):
             raise ValueError(
                 f"crop_mode must be 'native', 'grid' or 'resize', got {self.crop_mode!r}"
@@ -249,6 +262,7 @@ class MDIQADataConfig:
     crop_mode: str = "resize"
     n_crops: int = 1
     grid_per_axis: int = 3
+    local_std: bool = False
 
 
 def resolve_data_config(model_or_cfg: MDIQA | MDIQAConfig) -> MDIQADataConfig:
@@ -265,6 +279,7 @@ def resolve_data_config(model_or_cfg: MDIQA | MDIQAConfig) -> MDIQADataConfig:
         crop_mode=cfg.crop_mode,
         n_crops=cfg.n_crops,
         grid_per_axis=cfg.grid_per_axis,
+        local_std=cfg.local_std,
     )
 
 
@@ -289,14 +304,17 @@ def mdiqa_channels(hu: ArrayLike, data_cfg: MDIQADataConfig) -> torch.Tensor:
     """HU slices (B, H, W) -> normalised windowed channels (B, in_chans, H, W), no crop.
 
     Channel 0: the LDCTIQAC2023 window; channel 1 (``in_chans=2``): the soft-tissue window;
-    ``in_chans=3`` repeats channel 0.
+    ``in_chans=3`` repeats channel 0, or with ``local_std`` is [wide window, local std
+    (unnormalised), soft-tissue window].
     """
     t = _check_slices(hu)
     wide = hu_to_unit(t, data_cfg.hu_window)
     chans = [wide]
-    if data_cfg.in_chans == 2:
+    if data_cfg.in_chans == 2 or data_cfg.local_std:
         chans.append(hu_to_unit(t, data_cfg.soft_window))
     x = (torch.stack(chans, dim=1) - data_cfg.mean) / data_cfg.std
+    if data_cfg.local_std:
+        return torch.cat([x[:, :1], local_std_channel(t, None), x[:, 1:]], dim=1).contiguous()
     if data_cfg.in_chans == 3:
         x = x.expand(-1, 3, -1, -1)
     return x.contiguous()

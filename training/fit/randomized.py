@@ -70,8 +70,8 @@ class DRFitConfig:
     # view steps of the same acquisition), pushed apart by at least half their label
     # difference, so a fine-tune cannot flatten a ladder the labels order. 0: off.
     rank: float = 0.0
-    # N2Q only: add the local-std input channel (N2QInputConfig.local_std) to a model that
-    # lacks it; its weights in the first conv start at zero, so step 0 is the old model
+    # add the local-std input channel (N2QInputConfig.local_std, MDIQAConfig.local_std) to
+    # a model that lacks it; its first-conv weights start at zero: step 0 is the old model
     local_std: bool = False
 
 
@@ -187,24 +187,45 @@ def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
     if cfg.family == "mdiqa":
         # the grid tiles the whole slice (4 x 128 px per axis covers 512): the score then
         # estimates the slice SSIM that is the label, not that of 56 % of it (3 x 3)
-        base.cfg = replace(base.cfg, crop_mode="grid", grid_per_axis=4)  # type: ignore[union-attr]
-        return base
+        grid = replace(base.cfg, crop_mode="grid", grid_per_axis=4)  # type: ignore[arg-type]
+        if not cfg.local_std or base.cfg.local_std:  # type: ignore[union-attr]
+            base.cfg = grid  # type: ignore[union-attr]
+            return base
+        from qgate.models.mdiqa import MDIQA
+
+        if base.cfg.in_chans != 2:  # type: ignore[union-attr]
+            raise ValueError("--local-std widens a two-window MD-IQA (in_chans=2)")
+        model = MDIQA(replace(grid, in_chans=3, local_std=True))
+        # [wide, soft] -> [wide, local std, soft]: the soft window stays last (noise_stats)
+        model.load_state_dict(_widened(base.state_dict(), model.state_dict(), at=1))
+        return model
     # served as windows of the training crop size (round 4; N2QInputConfig.tile)
     serve = replace(base.cfg.input, tile=cfg.crop, tile_stride=cfg.crop * 3 // 4)
     if cfg.local_std:
         serve = replace(serve, local_std=True)
     model = create_model("n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve)
-    state = base.state_dict()
-    for key, w in model.state_dict().items():
-        old = state[key]
-        if old.shape != w.shape:  # the first conv gains the new channel(s): zero weights
-            if old.ndim != 4 or old.shape[1] >= w.shape[1] or old.shape[0] != w.shape[0]:
-                raise ValueError(f"{key}: cannot widen {tuple(old.shape)} to {tuple(w.shape)}")
-            grown = torch.zeros_like(w)
-            grown[:, : old.shape[1]] = old
-            state[key] = grown
-    model.load_state_dict(state)
+    model.load_state_dict(_widened(base.state_dict(), model.state_dict(), at=None))
     return model
+
+
+def _widened(
+    state: dict[str, torch.Tensor], like: dict[str, torch.Tensor], *, at: int | None
+) -> dict[str, torch.Tensor]:
+    """``state`` with each first conv that gained input channels in ``like`` given zero
+    weights for them, inserted at channel ``at`` (``None``: appended), so the widened
+    model computes what the old one did until training moves them."""
+    out = dict(state)
+    for key, w in like.items():
+        old = out[key]
+        if old.shape == w.shape:
+            continue
+        extra = w.shape[1] - old.shape[1] if old.ndim == 4 else 0
+        if extra <= 0 or old.shape[0] != w.shape[0] or old.shape[2:] != w.shape[2:]:
+            raise ValueError(f"{key}: cannot widen {tuple(old.shape)} to {tuple(w.shape)}")
+        i = old.shape[1] if at is None else at
+        zeros = old.new_zeros((old.shape[0], extra, *old.shape[2:]))
+        out[key] = torch.cat([old[:, :i], zeros, old[:, i:]], dim=1)
+    return out
 
 
 def fit_dr(
