@@ -381,3 +381,17 @@ def test_mdiqa_gains_the_local_std_channel_without_changing_its_score() -> None:
         a = predict_soft(old(xo.flatten(0, 1)))
         b = predict_soft(new(xn.flatten(0, 1)))
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_training_dose_label_is_one_at_the_issue_edge() -> None:
+    """5.3 HU through a Hann window at 0.7 mm on the fan scanner is the edge Chest CT-IQA
+    was trained on (ratio 1); the ratio is linear in the noise, and the parallel scanner's
+    higher gain per reading puts the same volume lower."""
+    from training.independent import training_dose_label
+
+    at = training_dose_label(5.3, "hann", 0.7)
+    assert at["label_edge_ratio_fan"] == pytest.approx(1.0, abs=0.02)
+    assert training_dose_label(10.6, "hann", 0.7)["label_edge_ratio_fan"] == pytest.approx(
+        2 * at["label_edge_ratio_fan"]
+    )
+    assert at["label_edge_ratio_parallel"] < 0.9 * at["label_edge_ratio_fan"]

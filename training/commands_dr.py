@@ -326,5 +326,7 @@ def evaluate_independent_cmd(
         ch = run_chest(out, realct=realct, weights=w, echo=click.echo)
         click.echo(
             f"chest: window accuracy {ch['window_accuracy']:.3f}, dose accuracy "
-            f"{ch['dose_accuracy']:.3f} ({ch['n']} volumes)"
+            f"{ch['dose_accuracy']:.3f} ({ch['n']} volumes); the training label gives the "
+            f"simulated dose class on {ch['training_label_agreement']['fan']:.3f} (fan gains) / "
+            f"{ch['training_label_agreement']['parallel']:.3f} (parallel)"
         )
