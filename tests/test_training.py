@@ -359,6 +359,9 @@ def test_n2q_gains_the_local_std_channel_without_changing_its_map() -> None:
     assert torch.allclose(a, b, atol=1e-5)
     first = next(p for p in new.parameters() if p.ndim == 4)
     assert first.shape[1] == 3 and float(first[:, 2].abs().max()) == 0.0
+    # the map loss is a fit option too (the public notebook's L1), the paper's MSE by default
+    assert old.cfg.map_loss == "mse"
+    assert initial_model(DRFitConfig("n2q", map_loss="l1")).cfg.map_loss == "l1"
 
 
 def test_mdiqa_gains_the_local_std_channel_without_changing_its_score() -> None:

@@ -210,6 +210,12 @@ def build_chest_cmd(
     is_flag=True,
     help="Add the local-std input channel (zero-initialised) to the starting weights.",
 )
+@click.option(
+    "--map-loss",
+    type=click.Choice(["mse", "l1"]),
+    default=None,
+    help="N2Q map loss (default: the starting weights' own, the paper's MSE).",
+)
 def fit_randomized_cmd(
     family: str,
     out: str,
@@ -225,6 +231,7 @@ def fit_randomized_cmd(
     balance: float,
     rank: float,
     local_std: bool,
+    map_loss: str | None,
 ) -> None:
     """Fine-tune MD-IQA or Noise2Quality on domain-randomised data."""
     from training.fit.randomized import DRFitConfig, fit_dr
@@ -242,6 +249,7 @@ def fit_randomized_cmd(
         balance=balance,
         rank=rank,
         local_std=local_std,
+        map_loss=map_loss,  # type: ignore[arg-type]
     )
     click.echo(str(fit_dr(list(data), out, cfg, echo=click.echo)))
 

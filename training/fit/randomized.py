@@ -73,6 +73,9 @@ class DRFitConfig:
     # add the local-std input channel (N2QInputConfig.local_std, MDIQAConfig.local_std) to
     # a model that lacks it; its first-conv weights start at zero: step 0 is the old model
     local_std: bool = False
+    # N2Q only: the map loss (N2QConfig.map_loss; None keeps the starting weights' own,
+    # the paper's MSE): "l1" as the public notebook trained it
+    map_loss: Literal["mse", "l1"] | None = None
 
 
 def dose_class(eff_dose: torch.Tensor, levels: Sequence[int] = DOSE_LEVELS) -> torch.Tensor:
@@ -205,6 +208,8 @@ def initial_model(cfg: DRFitConfig) -> torch.nn.Module:
         serve = replace(serve, local_std=True)
     model = create_model("n2q_tiny", widths=base.cfg.widths, dose_levels=DOSE_LEVELS, input=serve)
     model.load_state_dict(_widened(base.state_dict(), model.state_dict(), at=None))
+    if cfg.map_loss is not None:
+        model.cfg = replace(model.cfg, map_loss=cfg.map_loss)
     return model
 
 
