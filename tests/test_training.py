@@ -398,3 +398,30 @@ def test_training_dose_label_is_one_at_the_issue_edge() -> None:
         2 * at["label_edge_ratio_fan"]
     )
     assert at["label_edge_ratio_parallel"] < 0.9 * at["label_edge_ratio_fan"]
+    # round 12's label: the noise through a Hann at the pixel's Nyquist, any scanner: a
+    # Hann volume reads its own noise, a ramp volume less (its gain is higher)
+    from training.datasets.chest_dr import hann_equivalent_hu, pixel_hann
+
+    assert at["hann_equivalent_hu"] == pytest.approx(5.3, rel=1e-6)
+    ramp = training_dose_label(13.0, "ramp", 0.78)["hann_equivalent_hu"]
+    assert 3.0 < ramp < 6.0
+    k = pixel_hann("as-576v", 0.78).replace("hann", "ramp")
+    assert hann_equivalent_hu(13.0, "as-576v", k, 0.78) == pytest.approx(ramp, rel=0.05)
+
+
+def test_hann_equivalent_dose_label_ignores_the_scanner() -> None:
+    """``fit-chest --dose-label hann``: a volume is ``high`` where its noise through a Hann
+    at the pixel's Nyquist is under the edge: the kernel's gain relative to that Hann on
+    the same scanner counts, the scanner's own gain does not."""
+    from training.datasets.chest_dr import noise_dose_classes
+
+    # two scanners (gains 1x and 1.5x) with a soft kernel (= the Hann) and a sharp one
+    # (2.6x the Hann's gain): noise 4 / 6 HU soft, 10.4 / 15.6 HU sharp
+    d = {
+        "noise_hu": torch.tensor([4.0, 6.0, 10.4, 15.6, 4.0, 6.0]),
+        "kernel_gain": torch.tensor([0.7, 0.7, 1.82, 1.82, 1.05, 1.05]),
+        "hann_gain": torch.tensor([0.7, 0.7, 0.7, 0.7, 1.05, 1.05]),
+        "dose_class": torch.zeros(6, dtype=torch.long),
+    }
+    assert noise_dose_classes(d, hann_equivalent=True) == 5.3
+    assert d["dose_class"].tolist() == [1, 0, 1, 0, 1, 0]

@@ -262,17 +262,19 @@ def fit_randomized_cmd(
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option(
     "--dose-label",
-    type=click.Choice(["dose", "noise"]),
+    type=click.Choice(["dose", "noise", "hann"]),
     default="dose",
     show_default=True,
-    help="dose: simulated dose vs the patient's routine; noise: noise relative to the kernel.",
+    help="dose: simulated dose vs the patient's routine; noise: noise over the kernel's gain "
+    "on its scanner; hann: the noise through a Hann at the pixel's Nyquist (any scanner).",
 )
 @click.option(
     "--noise-edge-hu",
     type=float,
     default=None,
     help="With --dose-label noise: the class edge in HU of a Hann kernel at 0.7 mm "
-    "(the issue's scale: 5.3); default: from the training chests.",
+    "(the issue's scale: 5.3; default: from the training chests); with hann: the edge in "
+    "Hann-equivalent HU (default 5.3).",
 )
 def fit_chest_cmd(
     out: str,
@@ -335,6 +337,7 @@ def evaluate_independent_cmd(
         click.echo(
             f"chest: window accuracy {ch['window_accuracy']:.3f}, dose accuracy "
             f"{ch['dose_accuracy']:.3f} ({ch['n']} volumes); the training label gives the "
-            f"simulated dose class on {ch['training_label_agreement']['fan']:.3f} (fan gains) / "
-            f"{ch['training_label_agreement']['parallel']:.3f} (parallel)"
+            f"simulated dose class on {ch['training_label_agreement']['fan']:.3f} (round 9, "
+            f"fan gains) / {ch['training_label_agreement']['parallel']:.3f} (parallel) / "
+            f"{ch['training_label_agreement']['hann']:.3f} (Hann-equivalent HU, round 12)"
         )

@@ -648,23 +648,33 @@ def chest_series(a: EvalAnatomy, views: int = 360, seed: int = 0) -> list[dict[s
 
 
 def training_dose_label(noise_hu: float, kernel: str, pixel_mm: float) -> dict[str, float]:
-    """Where a held-out volume sits against the dose edge Chest CT-IQA was trained on
-    (``fit-chest --dose-label noise --noise-edge-hu 5.3``): its noise over the gain of the
-    same window at the pixel's Nyquist on each training geometry, over the edge. Below 1
-    the training label would say ``high``. The geometries' gains differ (1.5x per reading
-    at one kernel), so the two columns bracket what the label means for these pixels."""
-    from training.datasets.chest_dr import EDGE_KERNEL, ISSUE_EDGE_HU, kernel_gain
-    from training.datasets.randomized import GEOMETRIES
+    """Where a held-out volume sits against the dose edges Chest CT-IQA trains on.
+
+    ``label_edge_ratio_fan`` / ``_parallel``: round 9's label (``fit-chest --dose-label
+    noise --noise-edge-hu 5.3``): the noise over the gain of the same window at the pixel's
+    Nyquist on that training scanner, over the edge (below 1: ``high``); the two scanners'
+    gains differ 1.5x per reading, so the same volume gets two answers.
+    ``hann_equivalent_hu``: round 12's label (``--dose-label hann``): the noise through a
+    Hann at the pixel's Nyquist instead of this kernel (the same on either scanner), to be
+    compared with 5.3 HU."""
+    from training.datasets.chest_dr import (
+        EDGE_KERNEL,
+        ISSUE_EDGE_HU,
+        hann_equivalent_hu,
+        kernel_gain,
+        pixel_hann,
+    )
 
     tau = ISSUE_EDGE_HU / kernel_gain(*EDGE_KERNEL)
+    px = round(pixel_mm, 3)
     out = {}
-    for geo, col in (
-        ("as-576v", "label_edge_ratio_fan"),
-        ("parallel", "label_edge_ratio_parallel"),
-    ):
-        frac = min(1.0, GEOMETRIES[geo].iso_pitch_mm / pixel_mm)  # the pixel's Nyquist
-        gain = kernel_gain(geo, f"{kernel}:{frac:.3f}", round(pixel_mm, 3))
-        out[col] = noise_hu / gain / tau
+    for geo, col in (("as-576v", "fan"), ("parallel", "parallel")):
+        # the evaluation's windows are at the pixel's Nyquist: the same cutoff here
+        k = pixel_hann(geo, px).replace("hann", kernel)
+        out[f"label_edge_ratio_{col}"] = noise_hu / kernel_gain(geo, k, px) / tau
+    out["hann_equivalent_hu"] = hann_equivalent_hu(
+        noise_hu, "parallel", pixel_hann("parallel", px).replace("hann", kernel), px
+    )
     return out
 
 
@@ -705,10 +715,16 @@ def run_chest(
     )
     # how often the training label itself would give the simulated class (see
     # training_dose_label): the ceiling a model of that label has on these volumes
+    from training.datasets.chest_dr import ISSUE_EDGE_HU
+
+    says_high = {
+        "fan": lambda r: r["label_edge_ratio_fan"] < 1.0,
+        "parallel": lambda r: r["label_edge_ratio_parallel"] < 1.0,
+        "hann": lambda r: r["hann_equivalent_hu"] < ISSUE_EDGE_HU,
+    }
     agree = {
-        geo: sum((r[f"label_edge_ratio_{geo}"] < 1.0) == (r["dose_class"] == "high") for r in rows)
-        / max(1, n)
-        for geo in ("fan", "parallel")
+        k: sum(f(r) == (r["dose_class"] == "high") for r in rows) / max(1, n)
+        for k, f in says_high.items()
     }
     result = {
         "n": n,

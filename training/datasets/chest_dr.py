@@ -303,6 +303,12 @@ def load_chest_blocks(
                         for c in wc
                     ]
                     cols.setdefault("kernel_gain", []).append(np.asarray(g, np.float32))
+                    h = kernel_gain(
+                        meta["geometry"],
+                        pixel_hann(meta["geometry"], meta["pixel_mm"]),
+                        meta["pixel_mm"],
+                    )
+                    cols.setdefault("hann_gain", []).append(np.full(len(wc), h, np.float32))
                     src = meta["source"].split(":")[0]
                     chest = src in _chest_source_names(realct)
                     cols.setdefault("chest", []).append(np.full(len(wc), int(chest)))
@@ -336,6 +342,26 @@ def kernel_gain(geometry: str, kernel: str, pixel_mm: float) -> float:
     return float(img[64:192, 64:192].std())
 
 
+def pixel_hann(geometry: str, pixel_mm: float) -> str:
+    """A Hann window cut off at the pixel's Nyquist on ``geometry`` (capped at the
+    detector's): the smooth kernel the issue's HU scale is stated for."""
+    frac = min(1.0, GEOMETRIES[geometry].iso_pitch_mm / pixel_mm)
+    return f"hann:{frac:.3f}"
+
+
+def hann_equivalent_hu(noise_hu: float, geometry: str, kernel: str, pixel_mm: float) -> float:
+    """The noise a slice would carry through a Hann at its pixel's Nyquist instead of
+    ``kernel``, on the same scanner at the same dose (round 12). The ratio of two kernels'
+    gains on one scanner is a property of the kernels (visible in the noise texture); the
+    gain itself depends on the scanner's sampling (1.5x per reading between our fan and
+    parallel scanners), which the pixels do not show."""
+    return (
+        noise_hu
+        * kernel_gain(geometry, pixel_hann(geometry, pixel_mm), pixel_mm)
+        / (kernel_gain(geometry, kernel, pixel_mm))
+    )
+
+
 # The issue's scale: full dose adds 3-4.5 HU with a smooth kernel at 0.7 mm, a quarter
 # dose twice that; the class edge is their geometric middle, sqrt(3.75 x 7.5) = 5.3 HU,
 # for a Hann kernel at the pixel's Nyquist on the clinical fan scanner.
@@ -348,6 +374,7 @@ def noise_dose_classes(
     *others: dict[str, torch.Tensor],
     at: float = 0.46,
     edge_hu: float | None = None,
+    hann_equivalent: bool = False,
 ) -> float:
     """Relabel ``dose_class`` by noise relative to the kernel (round 9): ``high`` where
     ``noise_hu / kernel_gain`` is below what the median training chest gives at ``at`` of
@@ -355,8 +382,18 @@ def noise_dose_classes(
     simulated dose class is relative to each patient's own routine, which the pixels show
     only through its size and attenuation; the issue defines dose as noise relative to the
     kernel. ``edge_hu``: the edge in HU of a Hann kernel (:data:`EDGE_KERNEL`) instead,
-    e.g. :data:`ISSUE_EDGE_HU`. Returns the threshold; ``train`` and ``others`` (loaded with
-    ``gains=True``) are changed in place."""
+    e.g. :data:`ISSUE_EDGE_HU`. ``hann_equivalent`` (round 12): ``high`` where the noise
+    through a Hann at the pixel's Nyquist (:func:`hann_equivalent_hu`) is below ``edge_hu``
+    (default :data:`ISSUE_EDGE_HU`), whatever the scanner; the threshold returned is then
+    in HU. Returns the threshold; ``train`` and ``others`` (loaded with ``gains=True``) are
+    changed in place."""
+    if hann_equivalent:
+        edge = ISSUE_EDGE_HU if edge_hu is None else edge_hu
+        for d in (train, *others):
+            if len(d.get("noise_hu", [])):
+                hu = d["noise_hu"].double() * d["hann_gain"].double() / d["kernel_gain"].double()
+                d["dose_class"] = (hu < edge).long()
+        return edge
     if edge_hu is not None:
         tau = edge_hu / kernel_gain(*EDGE_KERNEL)
     else:

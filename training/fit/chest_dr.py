@@ -35,7 +35,9 @@ class ChestDRFitConfig:
     threads: int = 1
     time_budget_s: float | None = None
     # "dose": the simulated dose relative to each patient's routine; "noise": noise relative
-    # to the kernel against one threshold (``noise_dose_classes``, round 9)
+    # to the kernel's gain on its scanner against one threshold (``noise_dose_classes``,
+    # round 9); "hann": the noise through a Hann at the pixel's Nyquist, whatever the
+    # scanner, against ``noise_edge_hu`` (default 5.3 HU; round 12)
     dose_label: str = "dose"
     # with "noise": the class edge in HU of a Hann kernel at 0.7 mm (None: from the data)
     noise_edge_hu: float | None = None
@@ -57,12 +59,18 @@ def fit_chest_dr(
     torch.manual_seed(cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.dose_label not in ("dose", "noise"):
-        raise ValueError(f"dose_label must be 'dose' or 'noise', got {cfg.dose_label!r}")
-    by_noise = cfg.dose_label == "noise"
+    if cfg.dose_label not in ("dose", "noise", "hann"):
+        raise ValueError(f"dose_label must be 'dose', 'noise' or 'hann', got {cfg.dose_label!r}")
+    by_noise = cfg.dose_label != "dose"
     train = load_chest_blocks(roots, "train", gains=by_noise)
     val = load_chest_blocks(roots, "val", gains=by_noise)
-    tau = noise_dose_classes(train, val, edge_hu=cfg.noise_edge_hu) if by_noise else None
+    tau = (
+        noise_dose_classes(
+            train, val, edge_hu=cfg.noise_edge_hu, hann_equivalent=cfg.dose_label == "hann"
+        )
+        if by_noise
+        else None
+    )
     if tau is not None:
         echo(
             f"dose class by noise / kernel gain < {tau:.3f} "
