@@ -72,8 +72,9 @@ def fit_chest_dr(
         else None
     )
     if tau is not None:
+        what = "Hann-equivalent noise (HU)" if cfg.dose_label == "hann" else "noise / kernel gain"
         echo(
-            f"dose class by noise / kernel gain < {tau:.3f} "
+            f"dose class by {what} < {tau:.3f} "
             f"(high share {train['dose_class'].float().mean():.2f})"
         )
     echo(f"chest: train {len(train['x'])}, val {len(val.get('x', []))} volumes")
