@@ -32,7 +32,7 @@ wait
 echo "data: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 # 2. training, the two slice models side by side on the card, then the chest model
 $PY -m training.cli fit-randomized mdiqa "$OUT" --data "$OUT/dr" --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_mdiqa.log" 2>&1 &
-$PY -m training.cli fit-randomized n2q "$OUT" --data "$OUT/dr" --data "$OUT/dr_tex" --crops 96,128,160 --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_n2q.log" 2>&1 &
+$PY -m training.cli fit-randomized n2q "$OUT" --data "$OUT/dr" --data "$OUT/dr_tex" --crops 96,128,160 --map-loss l1 --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_n2q.log" 2>&1 &
 wait
 $PY -m training.cli fit-chest "$OUT" --data "$OUT/chest" --steps "$(blocks 2000)" --budget "$(blocks 60)" > "$OUT/fit_chest.log" 2>&1
 echo "total: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
