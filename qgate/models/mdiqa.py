@@ -176,6 +176,7 @@ class MDIQAConfig:
     # ``in_chans=3``): 4 x the local std of the slice in the label's C40/W400 window under
     # the label SSIM's Gaussian (:func:`qgate.models.preprocess.local_std_channel`), what
     # SSIM's contrast term weighs the noise against. The soft-tissue window stays last.
+    # Round 12: a fine-tune left it unused (REPORT.md); off in the shipped weights.
     local_std: bool = False
 
     def __post_init__(self) -> None:

@@ -301,9 +301,10 @@ class N2QInputConfig:
         of the slice in the label's window (C40/W400, clipped) under the label SSIM's
         Gaussian (sigma 1.5 px), x 4. SSIM's contrast-structure term is set by the local
         variance of the reference against that of the noise; the image shows their sum,
-        and a ReLU network forms a local variance (a square) only approximately. Without
-        it the map read noise alone and came out nearly the same over flat tissue and
-        edges at one noise level (round 11's region table). ``False``: 2 channels.
+        and a ReLU network forms a local variance (a square) only approximately. Tried in
+        round 12 against the map's flatness across content (round 11's region table):
+        fine-tunes left the channel's weights near zero and the scores unchanged
+        (REPORT.md), so it stays off. ``False``: 2 channels.
     """
 
     window_center: float = 40.0
