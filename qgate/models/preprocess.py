@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qgate.core.physics import WINDOWS
+
 __all__ = [
     "ChestInputConfig",
     "N2QInputConfig",
@@ -339,7 +341,7 @@ class N2QInputConfig:
 
 
 # the label's window and SSIM Gaussian (qgate.core.physics.ssim_map), for ``local_std``
-LABEL_WINDOW = (40.0, 400.0)
+LABEL_WINDOW = WINDOWS["abdomen"]
 SSIM_SIGMA = 1.5
 
 
