@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,41 @@ def test_a_textured_object_keeps_part_of_the_source_noise() -> None:
     clean, weak, raw = texture(3.0), texture(1.0), texture(0.0)
     assert clean < 6.0 < weak < raw  # HU
     assert raw == pytest.approx(20.0, rel=0.1)  # no filter: the source as it is
+
+
+@pytest.mark.slow
+def test_chest_texture_is_structure_and_leaves_the_recipe_alone() -> None:
+    """``ChestDRConfig.p_texture`` (round 13): a textured block keeps part of the source's
+    own noise in its objects, so in the reference, not in the noise labels; everything
+    else the block draws (split, source, scanner, pixel, kernels, doses) stays as without."""
+    import json
+
+    import numpy as np
+
+    from training.datasets.chest_dr import ChestDRConfig, build_block
+    from training.datasets.randomized import Source
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256] - 127.5
+    body = (yy / 100) ** 2 + (xx / 120) ** 2 < 1
+    lungs = ((yy / 60) ** 2 + ((np.abs(xx) - 55) / 40) ** 2) < 1
+    sl = np.where(body, np.where(lungs, -800.0, 40.0), -1024.0)
+    hu = (sl + np.where(body, rng.normal(0.0, 25.0, (12, 256, 256)), 0.0)).astype(np.int16)
+    src = Source("synthetic_chest", hu, (2.0, 1.4, 1.4), "chest")
+    torch.set_num_threads(2)
+    base = ChestDRConfig(depth=2, p_phantom=0.0, routine=1.0, soft_cutoff=(0.6, 1.0))
+    plain = build_block(0, base, [src], {})
+    textured = build_block(0, replace(base, p_texture=1.0), [src], {})
+    m0, m1 = (json.loads(b["meta"].tobytes()) for b in (plain, textured))
+    s0, s1 = m0.pop("source"), m1.pop("source")
+    assert ":t" not in s0 and s1.startswith(s0 + ":t")
+    assert m0 == m1
+    for k in ("window_class", "dose_class", "eff_dose"):
+        assert plain[k].tolist() == textured[k].tolist()
+    # the texture is structure: the noise labels hardly move...
+    np.testing.assert_allclose(textured["noise_hu"], plain["noise_hu"], rtol=0.1)
+    # ...but the object, and so the image, holds more of it
+    assert float(s1.rsplit(":t", 1)[1]) < 1.0  # this seed's draw: a weak denoise
+    assert float(textured["x"][0, 1].astype(np.float32).mean()) > float(
+        plain["x"][0, 1].astype(np.float32).mean()
+    )

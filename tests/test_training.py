@@ -425,3 +425,23 @@ def test_hann_equivalent_dose_label_ignores_the_scanner() -> None:
     }
     assert noise_dose_classes(d, hann_equivalent=True) == 5.3
     assert d["dose_class"].tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_fine_texture_counts_soft_tissue_only_and_scales_with_amplitude() -> None:
+    """``fine_texture_hu`` (round 13): the reference's and the added noise's fine texture,
+    measured in the same soft-tissue blocks; lung and air blocks do not count."""
+    import numpy as np
+
+    from training.independent import fine_texture_hu
+
+    rng = np.random.default_rng(0)
+    ref = np.full((2, 128, 128), 40.0, np.float32)
+    ref[:, :, 64:] = -800.0  # a lung half: its (large) texture must not count
+    tex = rng.normal(0.0, 1.0, ref.shape).astype(np.float32)
+    reference = ref + np.where(ref > -500, 6.0, 60.0) * tex
+    noise = 3.0 * rng.normal(0.0, 1.0, ref.shape).astype(np.float32)
+    texture, added = fine_texture_hu(reference, noise)
+    assert texture / added == pytest.approx(2.0, rel=0.1)
+    assert np.isnan(fine_texture_hu(ref - 1000.0, noise)[0])  # no soft tissue: no reading
+    t2, _ = fine_texture_hu(ref + 12.0 * tex * (ref > -500), noise)
+    assert t2 / texture == pytest.approx(2.0, rel=0.1)

@@ -132,6 +132,14 @@ def build_randomized_cmd(
     default=None,
     help="LO,HI: soft kernels cut off at a drawn fraction of the pixel's Nyquist.",
 )
+@click.option(
+    "--texture",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a real volume keeps part of its own texture in the objects "
+    "(counted as structure, not noise).",
+)
 def build_chest_cmd(
     out: str,
     blocks: int,
@@ -142,6 +150,7 @@ def build_chest_cmd(
     doses_per_class: int,
     routine: float | None,
     soft_cutoff: str | None,
+    texture: float,
 ) -> None:
     """Domain-randomised Chest CT-IQA volumes (resumable)."""
     from training.datasets.chest_dr import ChestDRConfig, build_chest_dr
@@ -160,6 +169,7 @@ def build_chest_cmd(
             realct_dir=realct,
             seed=seed,
             doses_per_class=doses_per_class,
+            p_texture=texture,
             **extra,
         ),
         worker=_worker(worker),

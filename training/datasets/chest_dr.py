@@ -95,6 +95,10 @@ class ChestDRConfig:
     # pixel's Nyquist, as clinical kernels are specified in lp/cm (None: the detector's
     # Nyquist, which at 0.9-1.0 mm pixels leaves a smooth kernel's noise nearly white)
     soft_cutoff: tuple[float, float] | None = None
+    # share of real volumes made objects with a weaker denoise (bilateral at 0-1.5x their
+    # noise, a quarter unfiltered), as ``RandomizedConfig.p_texture`` (round 13): the part
+    # of the source's texture kept is structure, not noise, in the labels
+    p_texture: float = 0.0
 
 
 def _lung_fraction(sl: np.ndarray) -> float:
@@ -177,10 +181,17 @@ def build_block(
         name = f"phantom-{pid}"
     else:
         src, k = picked
+        # own stream, so a recipe without texture draws everything else as before
+        trng = np.random.default_rng([cfg.seed, index, 0x7E27])
+        textured, weak = trng.random() < cfg.p_texture, float(trng.uniform(-0.5, 1.5))
+        strength = max(0.0, weak) if textured else 3.0
         objects = np.stack(
-            [clean_object(src.hu[k + i], src.spacing[1], real=True) for i in range(cfg.depth)]
+            [
+                clean_object(src.hu[k + i], src.spacing[1], real=True, strength=strength)
+                for i in range(cfg.depth)
+            ]
         )
-        name = f"{src.name}:{k}"
+        name = f"{src.name}:{k}" + (f":t{strength:.2f}" if textured else "")
     geo = str(rng.choice(CHEST_GEOMETRIES))
     base = GEOMETRIES[geo]
     out_f = float(np.exp(rng.uniform(*np.log(cfg.output_range))))
