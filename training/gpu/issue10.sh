@@ -27,13 +27,13 @@ t0=$(date +%s)
 # trains on beside the first (MD-IQA lost routine ranking and ladders on it: plain only).
 $PY -m training.cli build-randomized "$OUT/dr" --blocks "$(blocks 300)" --seed 5 --pixel-kernels 0.8 --realct "$REALCT" > "$OUT/build0.log" 2>&1 &
 $PY -m training.cli build-randomized "$OUT/dr_tex" --blocks "$(blocks 300)" --seed 4 --pixel-kernels 0.8 --texture 0.5 --realct "$REALCT" > "$OUT/build1.log" 2>&1 &
-$PY -m training.cli build-chest "$OUT/chest" --blocks "$(blocks 120)" --doses-per-class 3 --seed 2 --realct "$REALCT" > "$OUT/chest_build.log" 2>&1
+$PY -m training.cli build-chest "$OUT/chest" --blocks "$(blocks 120)" --doses-per-class 3 --seed 2 --routine 1.0 --soft-cutoff 0.6,1.0 --texture 0.5 --realct "$REALCT" > "$OUT/chest_build.log" 2>&1
 wait
 echo "data: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 # 2. training, the two slice models side by side on the card, then the chest model
 $PY -m training.cli fit-randomized mdiqa "$OUT" --data "$OUT/dr" --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_mdiqa.log" 2>&1 &
 $PY -m training.cli fit-randomized n2q "$OUT" --data "$OUT/dr" --data "$OUT/dr_tex" --crops 96,128,160 --map-loss l1 --steps "$(blocks 6000)" --budget "$(blocks 180)" > "$OUT/fit_n2q.log" 2>&1 &
 wait
-$PY -m training.cli fit-chest "$OUT" --data "$OUT/chest" --steps "$(blocks 2000)" --budget "$(blocks 60)" > "$OUT/fit_chest.log" 2>&1
+$PY -m training.cli fit-chest "$OUT" --data "$OUT/chest" --steps "$(blocks 2000)" --budget "$(blocks 60)" --dose-label hann --noise-edge-hu 5.3 > "$OUT/fit_chest.log" 2>&1
 echo "total: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 ls -l "$OUT"/*.safetensors
