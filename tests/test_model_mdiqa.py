@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,15 @@ def test_native_crops_keep_the_pixels_and_lie_on_the_body() -> None:
     assert torch.equal(x, expect)
     # Images smaller than a crop are padded with air, crops near the edge shifted inside.
     assert mdiqa_crops(torch.zeros(2, 20, 24), dc).shape == (2, 4, 2, 32, 32)
+    # ...each channel with its own air value: a window's -1, the local-std channel's 0
+    small = -1024.0 + torch.zeros(1, 20, 24)
+    small[:, 5:15, 5:19] = 40.0 + 10.0 * torch.randn(
+        1, 10, 14, generator=torch.Generator().manual_seed(1)
+    )
+    ls = mdiqa_crops(small, replace(dc, local_std=True, in_chans=3))[0, 0]
+    assert ls.shape == (3, 32, 32)
+    assert float(ls[0, 0, 0]) == -1.0 and float(ls[2, 0, 0]) == -1.0  # the windows' air
+    assert float(ls[1, 0, 0]) == float(ls[1].min()) and 0.0 <= float(ls[1, 0, 0]) < 0.01
     edge = extract_crops(mdiqa_channels(hu, dc), torch.tensor([[[0.0, 255.0]]]), 32)
     assert edge.shape == (1, 1, 2, 32, 32)
     # Random training crops come from the same frame.

@@ -364,13 +364,13 @@ def crop_centers(centre: torch.Tensor, spread: torch.Tensor, offsets: torch.Tens
 def extract_crops(x: torch.Tensor, centers: torch.Tensor, size: int) -> torch.Tensor:
     """``size`` x ``size`` crops of ``x`` (B, C, H, W) around ``centers`` (B, n, 2) ->
     (B, n, C, size, size). Crops are shifted to lie inside the image; an image smaller
-    than ``size`` is padded with the value of air (its minimum)."""
+    than ``size`` is padded with the value of air, each channel's own minimum (a window
+    channel's -1, the local-std channel's 0)."""
     h, w = x.shape[-2:]
     if h < size or w < size:
         ph, pw = max(0, size - h), max(0, size - w)
-        x = torch.nn.functional.pad(
-            x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=float(x.min())
-        )
+        air = x.amin(dim=(0, -2, -1), keepdim=True)
+        x = torch.nn.functional.pad(x - air, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)) + air
         centers = centers + torch.tensor([ph // 2, pw // 2], device=centers.device)
         h, w = x.shape[-2:]
     top = (centers[..., 0] - size / 2).round().long().clamp(0, h - size).tolist()
