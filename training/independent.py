@@ -661,20 +661,16 @@ def fine_texture_hu(
     0.8 sigma, :func:`denoise`); in the image it adds to the simulated noise and looks
     like it, while the dose class counts the simulated noise only (round 13)."""
     from qgate.models.preprocess import high_pass
-
-    def blocks(a: np.ndarray) -> np.ndarray:
-        s, h, w = a.shape
-        h, w = h // block * block, w // block * block
-        return a[:, :h, :w].reshape(s, h // block, block, w // block, block)
+    from qgate.score.scorers.body import block_all, block_view
 
     ref = np.asarray(reference, np.float32)
-    soft = blocks((ref > -150) & (ref < 150)).all(axis=(2, 4))
+    soft = block_all((ref > -150) & (ref < 150), block)
     if not soft.any():
         return math.nan, math.nan
     out = []
     for a in (ref, np.asarray(noise, np.float32)):
         hp = high_pass(a, sigma=1.0).numpy()
-        out.append(float(np.median(blocks(hp).std(axis=(2, 4))[soft])))
+        out.append(float(np.median(block_view(hp, block).std(axis=(2, 4))[soft])))
     return out[0], out[1]
 
 
