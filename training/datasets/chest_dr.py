@@ -54,6 +54,7 @@ from training.datasets.randomized import (
     block_files,
     clean_object,
     load_train_sources,
+    texture_strength,
     write_blocks,
 )
 
@@ -182,16 +183,15 @@ def build_block(
     else:
         src, k = picked
         # own stream, so a recipe without texture draws everything else as before
-        trng = np.random.default_rng([cfg.seed, index, 0x7E27])
-        textured, weak = trng.random() < cfg.p_texture, float(trng.uniform(-0.5, 1.5))
-        strength = max(0.0, weak) if textured else 3.0
+        weak = texture_strength(np.random.default_rng([cfg.seed, index, 0x7E27]), cfg.p_texture)
+        strength = 3.0 if weak is None else weak
         objects = np.stack(
             [
                 clean_object(src.hu[k + i], src.spacing[1], real=True, strength=strength)
                 for i in range(cfg.depth)
             ]
         )
-        name = f"{src.name}:{k}" + (f":t{strength:.2f}" if textured else "")
+        name = f"{src.name}:{k}" + ("" if weak is None else f":t{weak:.2f}")
     geo = str(rng.choice(CHEST_GEOMETRIES))
     base = GEOMETRIES[geo]
     out_f = float(np.exp(rng.uniform(*np.log(cfg.output_range))))

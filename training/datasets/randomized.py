@@ -278,6 +278,16 @@ def clean_object(
     return out
 
 
+def texture_strength(trng: np.random.Generator, p_texture: float) -> float | None:
+    """The denoise of one textured object (``p_texture``), or None for a clean one.
+
+    With probability ``p_texture`` the bilateral filter's strength for :func:`clean_object`,
+    drawn in 0-1.5x the slice's noise (a quarter of them 0: unfiltered). Always two draws
+    from ``trng``, so a recipe's other draws do not depend on ``p_texture``."""
+    textured, weak = trng.random() < p_texture, float(trng.uniform(-0.5, 1.5))
+    return max(0.0, weak) if textured else None
+
+
 def source_group(name: str) -> str:
     """``ibsi_sts_017`` -> ``ibsi_sts``: volumes of one collection share a group."""
     head, _, tail = name.rpartition("_")
@@ -392,10 +402,10 @@ def build_block(
             anatomies.append(vol.region)
         else:
             ((src, k),) = pick_slices(rng, sources, cfg, split, 1)
-            textured, weak = trng.random() < cfg.p_texture, float(trng.uniform(-0.5, 1.5))
-            strength = max(0.0, weak) if textured else 3.0
+            weak = texture_strength(trng, cfg.p_texture)
+            strength = 3.0 if weak is None else weak
             objects.append(clean_object(src.hu[k], src.spacing[1], real=True, strength=strength))
-            names.append(f"{src.name}:{k}" + (f":t{strength:.2f}" if textured else ""))
+            names.append(f"{src.name}:{k}" + ("" if weak is None else f":t{weak:.2f}"))
             anatomies.append(src.anatomy)
     hu = torch.from_numpy(np.stack(objects))
     key = acq.geometry
